@@ -1,0 +1,191 @@
+"""Generation over the static KV cache: prefill, one-token decode, and the streaming generator.
+
+Context rule (the model has `block_size` positions): a row sees at most `block_size` tokens. When
+the next token would not fit, the row's window slides to its most recent `3/4 * block_size`
+tokens, which are prefilled again from position 0, and generation goes on. Prompts longer than the
+context are handled by the same rule, so they keep their last `3/4 * block_size` characters.
+An empty prompt starts from token id 0 (a newline for every corpus here), which is not output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from collections.abc import Sequence as SequenceOf
+from typing import NamedTuple
+
+import torch
+
+from gpt.model import GPT, KVCache
+from gpt.sampling import SamplingParams, make_generator, sample_token
+
+MAX_STOP_STRINGS = 4
+
+
+class Chunk(NamedTuple):
+    """What one generated token released: its text (usually one character; empty while it could
+    still be the start of a stop string) and, on the last chunk, why generation ended."""
+
+    text: str
+    finish_reason: str | None = None  # "length" or "stop"
+
+
+class StopMatcher:
+    """Holds back text that may be the start of a stop string, so a stop string is never output."""
+
+    def __init__(self, stop: SequenceOf[str] = ()) -> None:
+        if len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        self.stop = [s for s in stop if s]
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Add new text; return what may be output now, and whether a stop string was completed."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            released, self.pending = self.pending[:min(hits)], ""
+            return released, True
+        held = next((n for n in range(len(self.pending), 0, -1)
+                     if any(s.startswith(self.pending[-n:]) for s in self.stop)), 0)
+        cut = len(self.pending) - held
+        released, self.pending = self.pending[:cut], self.pending[cut:]
+        return released, False
+
+    def flush(self) -> str:
+        released, self.pending = self.pending, ""
+        return released
+
+
+class Sequence:
+    """One generation in progress: its tokens, its sampling state and its cache row."""
+
+    def __init__(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
+                 decode: Callable[[list[int]], str], vocab_size: int, block_size: int,
+                 stop: SequenceOf[str] = ()) -> None:
+        self.tokens = list(prompt_ids) or [0]
+        self.prompt_length = len(prompt_ids)
+        self.max_new_tokens = max_new_tokens
+        self.params = params
+        self.decode = decode
+        self.block_size = block_size
+        self.keep = max(1, 3 * block_size // 4)
+        self.window_start = 0
+        self.generator, self.seed = make_generator(params.seed)
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool)
+        self.seen[torch.tensor(prompt_ids, dtype=torch.long)] = True
+        self.stop = StopMatcher(stop)
+        self.generated = 0
+        self.finish_reason: str | None = "length" if max_new_tokens <= 0 else None
+        self.row: int | None = None
+        self.slide_window()
+        self.prompt_truncated = self.window_start > 0
+
+    @property
+    def generated_ids(self) -> list[int]:
+        return self.tokens[len(self.tokens) - self.generated:]
+
+    def context(self) -> list[int]:
+        return self.tokens[self.window_start:]
+
+    def slide_window(self) -> bool:
+        """Apply the context rule; True when the window moved and the row must be prefilled again."""
+        if len(self.tokens) - self.window_start <= self.block_size:
+            return False
+        self.window_start = len(self.tokens) - self.keep
+        return True
+
+    def accept(self, logits: torch.Tensor) -> str:
+        """Sample the next token from logits (V,) and return the text it releases."""
+        token = sample_token(logits, self.params, self.seen, self.generator)
+        self.tokens.append(token)
+        self.seen[token] = True
+        self.generated += 1
+        text, stopped = self.stop.push(self.decode([token]))
+        if stopped:
+            self.finish_reason = "stop"
+        elif self.generated >= self.max_new_tokens:
+            self.finish_reason = "length"
+            text += self.stop.flush()
+        return text
+
+
+def prefill(model: GPT, cache: KVCache, row: int, ids: list[int]) -> torch.Tensor:
+    """Write a row's tokens into its cache slot from position 0; return the last logits (V,)."""
+    device = cache.k[0].device
+    logits = model.forward_cached(torch.tensor([ids], device=device), cache, [row], [0])
+    cache.lengths[row] = len(ids)
+    return logits[0, -1]
+
+
+def decode_step(model: GPT, cache: KVCache, rows: list[int], tokens: list[int]) -> torch.Tensor:
+    """Feed one token to each of `rows`, each at its own position; return logits (R, V)."""
+    device = cache.k[0].device
+    start = [cache.lengths[r] for r in rows]
+    logits = model.forward_cached(torch.tensor(tokens, device=device)[:, None], cache, rows, start)
+    for r in rows:
+        cache.lengths[r] += 1
+    return logits[:, -1]
+
+
+@torch.inference_mode()
+def start(model: GPT, cache: KVCache, seq: Sequence, row: int) -> str:
+    """Give `seq` cache row `row`, prefill its prompt and sample its first token."""
+    seq.row = row
+    logits = prefill(model, cache, row, seq.context())
+    return seq.accept(logits.float().cpu())
+
+
+@torch.inference_mode()
+def advance(model: GPT, cache: KVCache, seqs: list[Sequence]) -> list[str]:
+    """One new token for each running sequence, in order. Rows whose context is full are prefilled
+    again from their recent text; all the others share one batched decode step."""
+    logits: dict[int, torch.Tensor] = {}
+    decoding: list[Sequence] = []
+    for seq in seqs:
+        if seq.slide_window():
+            logits[id(seq)] = prefill(model, cache, seq.row, seq.context())
+        else:
+            decoding.append(seq)
+    decoding.sort(key=lambda s: s.row)  # consecutive rows let attention view the cache, not copy it
+    if decoding:
+        batch = decode_step(model, cache, [s.row for s in decoding], [s.tokens[-1] for s in decoding])
+        logits.update((id(s), row_logits) for s, row_logits in zip(decoding, batch, strict=True))
+    host = {key: value.float().cpu() for key, value in logits.items()}
+    return [seq.accept(host[id(seq)]) for seq in seqs]
+
+
+def generate(model: GPT, prompt_ids: list[int], decode: Callable[[list[int]], str],
+             max_new_tokens: int, params: SamplingParams = SamplingParams(),
+             stop: SequenceOf[str] = (), cache: KVCache | None = None, row: int = 0) -> Iterator[Chunk]:
+    """Stream one generation through the KV cache, one Chunk per generated token."""
+    p = next(model.parameters())
+    cache = cache or KVCache(model.config, 1, device=p.device, dtype=p.dtype)
+    seq = Sequence(prompt_ids, max_new_tokens, params, decode, model.config.vocab_size,
+                   model.config.block_size, stop)
+    if seq.finish_reason:
+        yield Chunk("", seq.finish_reason)
+        return
+    try:
+        text = start(model, cache, seq, row)
+        while True:
+            yield Chunk(text, seq.finish_reason)
+            if seq.finish_reason:
+                return
+            (text,) = advance(model, cache, [seq])
+    finally:
+        cache.free(row)
+
+
+@torch.inference_mode()
+def generate_reference(model: GPT, prompt_ids: list[int], decode: Callable[[list[int]], str],
+                       max_new_tokens: int, params: SamplingParams = SamplingParams(),
+                       stop: SequenceOf[str] = ()) -> Sequence:
+    """The no-cache oracle (nanoGPT's sampler): recompute the whole window for every token."""
+    device = next(model.parameters()).device
+    seq = Sequence(prompt_ids, max_new_tokens, params, decode, model.config.vocab_size,
+                   model.config.block_size, stop)
+    while seq.finish_reason is None:
+        seq.slide_window()
+        logits, _ = model(torch.tensor([seq.context()], device=device))
+        seq.accept(logits[0, -1].float().cpu())
+    return seq

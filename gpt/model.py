@@ -1,0 +1,235 @@
+"""The GPT-2 model, read top to bottom: config, presets, attention, MLP, block, GPT.
+
+Two ways through the same weights:
+- `GPT.forward(idx, targets)`: the training path, full causal attention over a (B, T) batch.
+- `GPT.forward_cached(idx, cache, rows, start)`: the inference path, which writes each new key and
+  value into a pre-allocated `KVCache` and attends over what that row has cached so far. Each row
+  keeps its own position, so one call can advance rows of different lengths.
+
+Parameter names follow GPT-2 (`wte`, `wpe`, `h.N.attn.c_attn`, ...) so the state dict maps one to
+one onto Hugging Face's GPT2LMHeadModel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 65
+    block_size: int = 1024  # context length: the most positions the model has embeddings for
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Named architectures. The vocabulary size is set from the corpus (65 for Julius Caesar).
+PRESETS: dict[str, GPTConfig] = {
+    # The model the product is built around: 85,942,272 parameters with 65 characters.
+    "seed": GPTConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768),
+    # Trains to readable Shakespeare on a 2-core CPU in under 30 minutes; ships with the repo.
+    "small": GPTConfig(block_size=256, n_layer=4, n_head=4, n_embd=256),
+    # For tests: a few milliseconds a step.
+    "tiny": GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64),
+}
+
+
+class KVCache:
+    """Pre-allocated keys and values, (max_batch, n_head, max_len, head_dim) per layer.
+
+    Buffers are allocated once and written in place; a row is a slot that one sequence owns from
+    its prefill until it is freed. `lengths[row]` is how many positions the row has cached.
+    """
+
+    def __init__(self, config: GPTConfig, max_batch: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, max_len: int | None = None) -> None:
+        self.max_batch = max_batch
+        self.max_len = max_len or config.block_size
+        head_dim = config.n_embd // config.n_head
+        shape = (max_batch, config.n_head, self.max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.lengths = [0] * max_batch
+
+    def free(self, row: int) -> None:
+        # Stale keys beyond a row's length are never attended to, so freeing only resets the length.
+        self.lengths[row] = 0
+
+
+@dataclass
+class CacheRows:
+    """Which cache rows a cached forward touches, and where its new tokens sit in them.
+
+    `index` (R,) and `positions` (R, T) address the writes; reads take `selector` (a slice when the
+    rows are consecutive, so the cache is viewed rather than gathered) up to `length` positions,
+    under `mask` (R, 1, T, length): a key is visible to a query at position p when it sits at
+    position <= p in the same row.
+    """
+
+    index: torch.Tensor
+    selector: slice | torch.Tensor
+    positions: torch.Tensor
+    length: int
+    mask: torch.Tensor
+
+    @classmethod
+    def build(cls, rows: list[int], positions: torch.Tensor, length: int) -> CacheRows:
+        device = positions.device
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        index = torch.tensor(rows, device=device)
+        selector = slice(rows[0], rows[0] + len(rows)) if consecutive else index
+        key_pos = torch.arange(length, device=device)
+        mask = key_pos[None, None, :] <= positions[:, :, None]  # (R, T, L)
+        return cls(index, selector, positions, length, mask[:, None])
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def _split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        return q, k, v
+
+    def _merge_heads(self, y: torch.Tensor) -> torch.Tensor:
+        B, _, T, _ = y.size()
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_embd)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._split_heads(x)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self._merge_heads(y)
+
+    def forward_cached(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       rows: CacheRows) -> torch.Tensor:
+        """x: (R, T, C), the new tokens of the R rows that `rows` names."""
+        q, k, v = self._split_heads(x)  # (R, n_head, T, head_dim)
+        # Indexing (R, 1) rows and (R, T) positions around the head slice puts (R, T) first.
+        k_cache[rows.index[:, None], :, rows.positions] = k.transpose(1, 2)  # (R, T, n_head, head_dim)
+        v_cache[rows.index[:, None], :, rows.positions] = v.transpose(1, 2)
+        keys = k_cache[rows.selector, :, :rows.length]  # (R, n_head, L, head_dim)
+        values = v_cache[rows.selector, :, :rows.length]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=rows.mask)
+        return self._merge_heads(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's gelu_new
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_cached(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       rows: CacheRows) -> torch.Tensor:
+        x = x + self.attn.forward_cached(self.ln_1(x), k_cache, v_cache, rows)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned absolute positions
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        # Untied and without bias, as in the seed model.
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) at init.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Training path. idx, targets: (B, T) token ids. Returns logits (B, T, V) and the loss."""
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds the context of {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache, rows: list[int],
+                       start: list[int]) -> torch.Tensor:
+        """Inference path. idx: (R, T) new tokens for cache rows `rows`, the first of row i at
+        position start[i]. Writes their keys and values into the cache; returns logits (R, T, V).
+        Does not move `cache.lengths`: the callers in gpt/generate.py own that bookkeeping."""
+        T = idx.size(1)
+        length = max(start) + T  # attend only as far as the furthest of these rows has reached
+        if length > cache.max_len:
+            raise ValueError(f"position {length - 1} is past the cache length {cache.max_len}")
+        positions = torch.tensor(start, device=idx.device)[:, None] + torch.arange(T, device=idx.device)
+        return self.forward_rows(idx, cache, CacheRows.build(rows, positions, length))
+
+    def forward_rows(self, idx: torch.Tensor, cache: KVCache, rows: CacheRows) -> torch.Tensor:
+        x = self.transformer.wte(idx) + self.transformer.wpe(rows.positions)  # (R, T, C)
+        for block, k_cache, v_cache in zip(self.transformer.h, cache.k, cache.v, strict=True):
+            x = block.forward_cached(x, k_cache, v_cache, rows)
+        return self.lm_head(self.transformer.ln_f(x))  # (R, T, V)
