@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as SequenceOf
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
-from gpt.model import GPT, KVCache
+from gpt.model import GPT, CacheRows, KVCache
 from gpt.sampling import SamplingParams, make_generator, sample_token
 
 MAX_STOP_STRINGS = 4
@@ -121,10 +121,48 @@ def decode_step(model: GPT, cache: KVCache, rows: list[int], tokens: list[int]) 
     """Feed one token to each of `rows`, each at its own position; return logits (R, V)."""
     device = cache.k[0].device
     start = [cache.lengths[r] for r in rows]
-    logits = model.forward_cached(torch.tensor(tokens, device=device)[:, None], cache, rows, start)
+    if cache.static_decode is not None:
+        logits = _decode_all_rows(cache, rows, tokens)
+    else:
+        logits = model.forward_cached(torch.tensor(tokens, device=device)[:, None], cache, rows, start)[:, -1]
     for r in rows:
         cache.lengths[r] += 1
-    return logits[:, -1]
+    return logits
+
+
+class StaticDecoder(torch.nn.Module):
+    """One decode step over every cache row at fixed shapes, attending over the whole cache length,
+    so that torch.compile can capture it in a CUDA graph. Rows that are not decoding get a dummy
+    token at their next free position, which is overwritten before anything attends to it."""
+
+    def __init__(self, model: GPT, cache: KVCache) -> None:
+        super().__init__()
+        self.model = model
+        self.cache = cache
+        self.register_buffer("all_rows", torch.arange(cache.max_batch, device=cache.k[0].device))
+
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """idx, positions: (max_batch, 1). Returns logits (max_batch, V)."""
+        length = self.cache.max_len
+        mask = CacheRows.causal_mask(positions, length)
+        rows = CacheRows(self.all_rows, slice(None), positions, length, mask)
+        return self.model.forward_rows(idx, self.cache, rows)[:, -1]
+
+
+def compile_decode(model: GPT, cache: KVCache, **compile_options: Any) -> None:
+    """Opt in to a compiled decode step for `cache`: CUDA graphs (mode="reduce-overhead") unless
+    other torch.compile options are given."""
+    options = compile_options or {"mode": "reduce-overhead"}
+    cache.static_decode = torch.compile(StaticDecoder(model, cache), fullgraph=True, **options)
+
+
+def _decode_all_rows(cache: KVCache, rows: list[int], tokens: list[int]) -> torch.Tensor:
+    device = cache.k[0].device
+    idx = torch.zeros(cache.max_batch, 1, dtype=torch.long)
+    positions = torch.tensor([min(n, cache.max_len - 1) for n in cache.lengths])[:, None]
+    idx[rows, 0] = torch.tensor(tokens)
+    logits = cache.static_decode(idx.to(device), positions.to(device))
+    return logits[torch.tensor(rows, device=device)]
 
 
 @torch.inference_mode()

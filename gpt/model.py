@@ -13,6 +13,7 @@ one onto Hugging Face's GPT2LMHeadModel.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -44,22 +45,30 @@ PRESETS: dict[str, GPTConfig] = {
 }
 
 
-class KVCache:
+class KVCache(nn.Module):
     """Pre-allocated keys and values, (max_batch, n_head, max_len, head_dim) per layer.
 
     Buffers are allocated once and written in place; a row is a slot that one sequence owns from
-    its prefill until it is freed. `lengths[row]` is how many positions the row has cached.
+    its prefill until it is freed. `lengths[row]` is how many positions the row has cached. It is a
+    module only so that its buffers count as static state for torch.compile's CUDA graphs.
     """
 
     def __init__(self, config: GPTConfig, max_batch: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, max_len: int | None = None) -> None:
+        super().__init__()
         self.max_batch = max_batch
         self.max_len = max_len or config.block_size
+        if self.max_len > config.block_size:
+            raise ValueError(f"max_len {self.max_len} is past the context of {config.block_size}")
         head_dim = config.n_embd // config.n_head
         shape = (max_batch, config.n_head, self.max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        for layer in range(config.n_layer):
+            self.register_buffer(f"k_{layer}", torch.zeros(shape, device=device, dtype=dtype))
+            self.register_buffer(f"v_{layer}", torch.zeros(shape, device=device, dtype=dtype))
+        self.k = [getattr(self, f"k_{layer}") for layer in range(config.n_layer)]
+        self.v = [getattr(self, f"v_{layer}") for layer in range(config.n_layer)]
         self.lengths = [0] * max_batch
+        self.static_decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def free(self, row: int) -> None:
         # Stale keys beyond a row's length are never attended to, so freeing only resets the length.
@@ -84,13 +93,15 @@ class CacheRows:
 
     @classmethod
     def build(cls, rows: list[int], positions: torch.Tensor, length: int) -> CacheRows:
-        device = positions.device
         consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
-        index = torch.tensor(rows, device=device)
+        index = torch.tensor(rows, device=positions.device)
         selector = slice(rows[0], rows[0] + len(rows)) if consecutive else index
-        key_pos = torch.arange(length, device=device)
-        mask = key_pos[None, None, :] <= positions[:, :, None]  # (R, T, L)
-        return cls(index, selector, positions, length, mask[:, None])
+        return cls(index, selector, positions, length, cls.causal_mask(positions, length))
+
+    @staticmethod
+    def causal_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
+        key_pos = torch.arange(length, device=positions.device)
+        return (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # (R, 1, T, L)
 
 
 class CausalSelfAttention(nn.Module):

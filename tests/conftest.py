@@ -9,9 +9,15 @@ import torch
 
 from gpt import GPT, PRESETS, CharTokenizer, GPTConfig, save_checkpoint
 
+# The suite's models are tiny: one thread beats two, whose hand-offs cost more than the work.
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parent.parent
 # CI and these machines carry a copy beside the checkout; elsewhere `python -m training.data` fetches one.
-CORPUS_CANDIDATES = [REPO.parent / "shared" / "data" / "julius_caesar.txt", REPO / "data" / "julius_caesar.txt"]
+CORPUS_CANDIDATES = [
+    REPO.parent / "shared" / "data" / "julius_caesar.txt",
+    REPO / "data" / "julius_caesar.txt",
+]
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,139 @@
+"""Generation through the cache against the no-cache oracle; seeds, stop strings, context overflow."""
+
+import torch
+
+from gpt import GPT, KVCache, SamplingParams, Sequence, advance, generate, generate_reference, start
+from gpt.generate import StopMatcher
+
+GREEDY = SamplingParams(temperature=0)
+
+
+def run(model: GPT, tokenizer, prompt: str, n: int, params: SamplingParams = GREEDY, stop=()):
+    chunks = list(generate(model, tokenizer.encode(prompt), tokenizer.decode, n, params, stop))
+    return "".join(c.text for c in chunks), chunks[-1].finish_reason
+
+
+def test_greedy_through_the_cache_equals_the_reference_for_200_characters(tiny_model, tokenizer):
+    # The tiny context is 64, so 200 characters also cross the context limit several times.
+    prompt = "BRUTUS.\nNo, Cassius"
+    text, reason = run(tiny_model, tokenizer, prompt, 200)
+    reference = generate_reference(tiny_model, tokenizer.encode(prompt), tokenizer.decode, 200, GREEDY)
+    assert text == tokenizer.decode(reference.generated_ids)
+    assert len(text) == 200 and reason == "length"
+
+
+def test_sampled_text_through_the_cache_equals_the_reference(tiny_model, tokenizer):
+    params = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=7)
+    text, _ = run(tiny_model, tokenizer, "CAESAR.", 150, params)
+    reference = generate_reference(tiny_model, tokenizer.encode("CAESAR."), tokenizer.decode, 150, params)
+    assert text == tokenizer.decode(reference.generated_ids)
+
+
+def test_same_seed_same_text_alone_and_inside_a_batch_of_8(tiny_model, tokenizer):
+    params = SamplingParams(temperature=1.0, top_k=40, seed=1234)
+    alone, _ = run(tiny_model, tokenizer, "Friends, Romans", 80, params)
+
+    cache = KVCache(tiny_model.config, max_batch=8)
+    seqs, texts = [], []
+    for row in range(8):
+        # Row 5 is ours; the others have other prompts, seeds and settings.
+        prompt, p = ("Friends, Romans", params) if row == 5 else ("x" * (row + 1), SamplingParams(seed=row))
+        seqs.append(Sequence(tokenizer.encode(prompt), 80, p, tokenizer.decode, 65, 64))
+        texts.append(start(tiny_model, cache, seqs[-1], row))
+    while seqs[5].finish_reason is None:
+        for i, chunk in enumerate(advance(tiny_model, cache, seqs)):
+            texts[i] += chunk
+    assert texts[5] == alone
+    assert len({t for t in texts}) > 1
+
+
+def test_different_seeds_give_different_text(tiny_model, tokenizer):
+    a, _ = run(tiny_model, tokenizer, "A", 60, SamplingParams(seed=1))
+    b, _ = run(tiny_model, tokenizer, "A", 60, SamplingParams(seed=2))
+    assert a != b
+
+
+def test_three_contexts_of_generation_stay_on_the_vocabulary(tiny_model, tokenizer):
+    n = 3 * tiny_model.config.block_size
+    text, reason = run(tiny_model, tokenizer, "Lend me your ears", n, SamplingParams(seed=3))
+    assert len(text) == n and reason == "length"
+    assert set(text) <= set(tokenizer.chars)
+
+
+def test_long_prompt_keeps_its_last_part(tiny_model, tokenizer):
+    prompt = tokenizer.encode("Beware the ides of March. " * 10)
+    seq = Sequence(prompt, 5, GREEDY, tokenizer.decode, 65, 64)
+    assert seq.prompt_truncated and seq.context() == prompt[-48:]
+    text, _ = run(tiny_model, tokenizer, "Beware the ides of March. " * 10, 5)
+    short, _ = run(tiny_model, tokenizer, tokenizer.decode(prompt[-48:]), 5)
+    assert text == short
+
+
+def test_empty_prompt_starts_from_a_newline(tiny_model, tokenizer):
+    assert tokenizer.chars[0] == "\n"
+    text, _ = run(tiny_model, tokenizer, "", 30)
+    newline, _ = run(tiny_model, tokenizer, "\n", 30)
+    assert text == newline and len(text) == 30
+
+
+def test_zero_new_tokens_finishes_at_once(tiny_model, tokenizer):
+    assert run(tiny_model, tokenizer, "abc", 0) == ("", "length")
+
+
+def test_stop_string_ends_generation_and_is_not_output(tiny_model, tokenizer):
+    full, _ = run(tiny_model, tokenizer, "CASSIUS.", 120, SamplingParams(seed=5))
+    stop = full[40:43]
+    text, reason = run(tiny_model, tokenizer, "CASSIUS.", 120, SamplingParams(seed=5), stop=[stop, "@@"])
+    assert reason == "stop"
+    assert text == full[:full.index(stop)]
+
+
+def test_stop_matcher_holds_back_partial_matches():
+    matcher = StopMatcher(["END", "xy"])
+    assert matcher.push("a") == ("a", False)
+    assert matcher.push("E") == ("", False)
+    assert matcher.push("N") == ("", False)
+    assert matcher.push("o") == ("ENo", False)
+    assert matcher.push("x") == ("", False)
+    assert matcher.push("y") == ("", True)
+    assert StopMatcher(["ab"]).push("zzab") == ("zz", True)
+    held = StopMatcher(["abc"])
+    held.push("ab")
+    assert held.flush() == "ab"
+
+
+def test_at_most_four_stop_strings():
+    import pytest
+    with pytest.raises(ValueError, match="at most 4"):
+        StopMatcher(["a", "b", "c", "d", "e"])
+
+
+def test_freeing_a_row_when_the_consumer_stops_early(tiny_model, tokenizer):
+    cache = KVCache(tiny_model.config, max_batch=1)
+    stream = generate(tiny_model, tokenizer.encode("A"), tokenizer.decode, 50, cache=cache)
+    next(stream)
+    assert cache.lengths[0] > 0
+    stream.close()
+    assert cache.lengths[0] == 0
+
+
+def test_the_cached_path_is_the_same_in_bfloat16_shapes(tokenizer):
+    """Dtype is a load-time choice: the same code path runs a bfloat16 model and cache."""
+    from tests.conftest import tiny_config
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).to(torch.bfloat16).eval()
+    text = "".join(c.text for c in generate(model, tokenizer.encode("A"), tokenizer.decode, 20, GREEDY))
+    assert len(text) == 20
+
+
+def test_static_decoder_matches_the_dynamic_path(tiny_model, tokenizer):
+    """The fixed-shape step that CUDA graphs capture gives the same text; traced here by dynamo with
+    the eager backend (the CPU has no CUDA graphs), which also proves it compiles as one graph."""
+    from gpt.generate import compile_decode
+    prompt = tokenizer.encode("Et tu, Brute?")
+    dynamic = "".join(c.text for c in generate(tiny_model, prompt, tokenizer.decode, 100, GREEDY))
+    cache = KVCache(tiny_model.config, max_batch=3)
+    compile_decode(tiny_model, cache, backend="eager")
+    static = "".join(c.text for c in generate(tiny_model, prompt, tokenizer.decode, 100, GREEDY,
+                                               cache=cache, row=1))
+    assert static == dynamic

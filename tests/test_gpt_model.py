@@ -1,0 +1,106 @@
+"""The model: parameter count, GPT-2 names, causality, and the cached path against a full forward."""
+
+import math
+
+import pytest
+import torch
+
+from gpt import GPT, PRESETS, GPTConfig, KVCache, decode_step, prefill
+from tests.conftest import tiny_config
+
+
+def test_seed_preset_has_the_seed_parameter_count():
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**{**PRESETS["seed"].to_dict(), "vocab_size": 65}))
+    assert model.num_parameters() == 85_942_272
+
+
+def test_parameter_names_follow_gpt2():
+    names = set(GPT(tiny_config()).state_dict())
+    for expected in ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+                     "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias",
+                     "transformer.h.0.attn.c_proj.weight", "transformer.h.1.ln_2.bias",
+                     "transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.bias",
+                     "transformer.ln_f.weight", "lm_head.weight"]:
+        assert expected in names
+    assert "lm_head.bias" not in names
+
+
+def test_initial_loss_is_about_uniform(tiny_model):
+    idx = torch.randint(0, 65, (4, 32))
+    _, loss = tiny_model(idx, targets=idx)
+    assert abs(loss.item() - math.log(65)) < 0.3
+
+
+def test_changing_a_future_token_leaves_past_logits_alone(tiny_model):
+    idx = torch.randint(0, 65, (1, 20))
+    changed = idx.clone()
+    changed[0, 15] = (changed[0, 15] + 1) % 65
+    a, _ = tiny_model(idx)
+    b, _ = tiny_model(changed)
+    torch.testing.assert_close(a[:, :15], b[:, :15])
+    assert not torch.allclose(a[:, 15:], b[:, 15:])
+
+
+def test_rejects_sequences_longer_than_the_context(tiny_model):
+    with pytest.raises(ValueError, match="exceeds the context"):
+        tiny_model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def full_logits(model: GPT, ids: list[int]) -> torch.Tensor:
+    logits, _ = model(torch.tensor([ids]))
+    return logits[0]
+
+
+def test_prefill_then_decode_equals_a_full_forward(tiny_model):
+    ids = torch.randint(0, 65, (40,)).tolist()
+    cache = KVCache(tiny_model.config, max_batch=2)
+    with torch.no_grad():
+        logits = [prefill(tiny_model, cache, 1, ids[:10])]
+        for token in ids[10:]:
+            logits.append(decode_step(tiny_model, cache, [1], [token])[0])
+        expected = full_logits(tiny_model, ids)
+    torch.testing.assert_close(torch.stack(logits), expected[9:], atol=1e-5, rtol=0)
+
+
+def test_one_decode_step_advances_rows_at_different_positions(tiny_model):
+    """Rows of different lengths, in a scattered order, one batched step: each matches its own
+    full forward; then a freed row is reused by a new sequence without disturbing the others."""
+    torch.manual_seed(0)
+    texts = {0: torch.randint(0, 65, (30,)).tolist(), 2: torch.randint(0, 65, (7,)).tolist(),
+             3: torch.randint(0, 65, (18,)).tolist()}
+    cache = KVCache(tiny_model.config, max_batch=4)
+    with torch.no_grad():
+        for row, ids in texts.items():
+            prefill(tiny_model, cache, row, ids[:-3])
+        for step in (3, 2, 1):
+            rows = [3, 0, 2]  # not in order and not consecutive: the gather path
+            batch = decode_step(tiny_model, cache, rows, [texts[r][-step] for r in rows])
+            for row, row_logits in zip(rows, batch, strict=True):
+                n = len(texts[row]) - step + 1
+                torch.testing.assert_close(row_logits, full_logits(tiny_model, texts[row][:n])[-1],
+                                           atol=1e-5, rtol=0)
+        # Row 2 finishes; a new, longer sequence takes it over.
+        cache.free(2)
+        reused = torch.randint(0, 65, (25,)).tolist()
+        prefill(tiny_model, cache, 2, reused[:-1])
+        batch = decode_step(tiny_model, cache, [0, 2, 3], [5, reused[-1], 6])  # consecutive: the view path
+        torch.testing.assert_close(batch[1], full_logits(tiny_model, reused)[-1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(batch[0], full_logits(tiny_model, texts[0] + [5])[-1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(batch[2], full_logits(tiny_model, texts[3] + [6])[-1], atol=1e-5, rtol=0)
+
+
+def test_cache_is_written_in_place(tiny_model):
+    cache = KVCache(tiny_model.config, max_batch=2)
+    buffers = [t.data_ptr() for t in cache.k + cache.v]
+    with torch.no_grad():
+        prefill(tiny_model, cache, 0, [1, 2, 3])
+        decode_step(tiny_model, cache, [0], [4])
+    assert [t.data_ptr() for t in cache.k + cache.v] == buffers
+    assert cache.lengths == [4, 0]
+
+
+def test_writing_past_the_cache_is_an_error(tiny_model):
+    cache = KVCache(tiny_model.config, max_batch=1)
+    with torch.no_grad(), pytest.raises(ValueError, match="past the cache length"):
+        prefill(tiny_model, cache, 0, [1] * 65)
