@@ -75,7 +75,11 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: CharTokenizer, *, p
     """Write the checkpoint directory `path` atomically, replacing any checkpoint already there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Staging directories of saves that were killed part-way: they were never the checkpoint.
+    for stale in path.parent.glob(f".{path.name}.*"):
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the checkpoint from a server running as another user
     try:
         # Strip torch.compile's wrapper prefix; store contiguous copies in the requested dtype.
         state = {k.removeprefix("_orig_mod."): v.detach().to(dtype or v.dtype).contiguous().cpu()

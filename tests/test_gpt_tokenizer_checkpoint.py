@@ -69,6 +69,12 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, tiny_model, toke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_a_save_cleans_up_after_a_killed_one(tmp_path, tiny_model, tokenizer):
+    (tmp_path / ".ckpt.abc123").mkdir()  # what a save killed before its rename leaves behind
+    save_checkpoint(tmp_path / "ckpt", tiny_model, tokenizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
 @pytest.fixture
 def saved(tmp_path, tiny_model, tokenizer):
     path = tmp_path / "ckpt"
