@@ -1,0 +1,506 @@
+"""The engine: one scheduler thread owns the model and its static KV cache, and runs continuous batching.
+
+Each scheduler iteration
+  1. drops waiting requests that were cancelled or waited longer than `queue_timeout_s`,
+     and frees the rows of running requests that were cancelled (client gone);
+  2. admits waiting requests into free cache rows: prefill + first token (`gpt.generate.start`),
+     each first character handed out at once;
+  3. runs ONE batched decode step for every running row (`gpt.generate.advance`);
+  4. frees the rows of requests that finished, at once;
+  5. hands each request its new text, in one wake-up of the asyncio loop that submitted it.
+
+The HTTP side never touches the model: `submit` (called on the event loop) only appends to the
+waiting queue, and each request's events come back through an `asyncio.Queue` in its
+`RequestHandle`. Cancelling is a flag that the scheduler reads at the top of every iteration, so a
+cancelled row is freed within two decode steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from gpt import CharTokenizer, KVCache, SamplingParams, Sequence, load_checkpoint
+from gpt.generate import advance, compile_decode, start
+from gpt.model import GPT
+
+logger = logging.getLogger("service.engine")
+
+
+# --- What a request asks for, and what comes back ---------------------------------------------
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    params: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """The request got a cache row after waiting `queue_s` seconds."""
+
+    queue_s: float
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    """Text released by one generated token: usually one character; several when characters held
+    back as a possible stop string turn out not to be one. Never empty."""
+
+    text: str
+    time: float  # time.perf_counter() when it was sampled
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str  # "length" or "stop"
+    generated_tokens: int  # tokens sampled, including a stop string's (which is not output)
+    seed: int
+    input_length: int  # prompt characters received
+    truncated: bool  # the prompt was longer than the context: only its last part was seen
+    last_token_id: int | None  # the last token sampled (None when nothing was generated)
+    queue_s: float
+    time_to_first_token_s: float  # from submission to the first token sampled
+    total_s: float
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The request ended without finishing. `error_type`: `queue_timeout` (never admitted),
+    `generation` (the model step raised), `shutdown` (the drain's grace period ran out)."""
+
+    error_type: str
+    message: str
+
+
+Event = Admitted | TextChunk | Finished | Failed
+
+
+class RequestHandle:
+    """The HTTP side's end of one request: its events in order, and a way to cancel it.
+
+    Created on the event loop; the scheduler thread pushes events with `call_soon_threadsafe`.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop or asyncio.get_running_loop()
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.cancelled = False  # set on the loop, read by the scheduler thread (a plain bool is atomic)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    async def next_event(self) -> Event:
+        return await self.events.get()
+
+
+# --- Refusals, raised by submit() on the caller's side -------------------------------------------
+
+class EngineUnavailable(Exception):
+    """The engine takes no request now: `reason` is `loading`, `draining` or `unhealthy`."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"the server is {reason}")
+
+
+class QueueFull(Exception):
+    """Every cache row is busy and the waiting queue is full."""
+
+
+class EngineLike(Protocol):
+    """What the HTTP layer needs from an engine; tests substitute a fake one."""
+
+    tokenizer: CharTokenizer
+
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def draining(self) -> bool: ...
+    @property
+    def alive(self) -> bool: ...
+    @property
+    def queue_size(self) -> int: ...
+    @property
+    def running_rows(self) -> int: ...
+
+    def start(self) -> None: ...
+    def submit(self, request: GenerationRequest) -> RequestHandle: ...
+    async def drain(self, timeout_s: float) -> None: ...
+    def shutdown(self) -> None: ...
+    def model_card(self) -> dict[str, Any]: ...
+
+
+# --- The engine ---------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class _Work:
+    """One request inside the engine."""
+
+    request: GenerationRequest
+    handle: RequestHandle
+    submitted_at: float
+    seq: Sequence | None = None
+    row: int | None = None
+    admitted_at: float = 0.0
+    first_token_at: float | None = None
+    outbox: list[Event] = field(default_factory=list)  # events of this iteration, not yet delivered
+    ended: bool = False  # its last event (Finished or Failed) is in the outbox or delivered
+    released: bool = False  # its row and its place in flight are given back
+
+    def emit(self, event: Event) -> None:
+        self.outbox.append(event)
+        self.ended = self.ended or isinstance(event, Finished | Failed)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+class Engine:
+    def __init__(self, model: GPT, tokenizer: CharTokenizer, *, max_batch_size: int = 32,
+                 max_queue: int = 64, queue_timeout_s: float = 30.0,
+                 checkpoint_config: dict[str, Any] | None = None, checkpoint_path: Path | None = None,
+                 warmup: bool = True, compile: bool = False) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.queue_timeout_s = queue_timeout_s
+        self.checkpoint_config = checkpoint_config or {}
+        self.checkpoint_path = checkpoint_path
+        self.warmup = warmup
+        weights = next(model.parameters())
+        self.device, self.dtype = weights.device, weights.dtype
+        # The whole KV memory is allocated here, once: load never grows it.
+        self.cache = KVCache(model.config, max_batch_size, device=self.device, dtype=self.dtype)
+        if compile and self.device.type == "cuda":  # CUDA graphs of the decode step, captured at warm-up
+            compile_decode(model, self.cache)
+        elif compile:
+            logger.warning("--compile applies to CUDA only; decoding uncompiled on %s", self.device)
+
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[_Work] = collections.deque()  # guarded by _lock
+        self._in_flight = 0  # submitted and not yet ended; guarded by _lock
+        self._abort: Failed | None = None  # set by drain(): fail everything still in flight
+        self._stopping = False
+        # Owned by the scheduler thread alone:
+        self._running: list[_Work] = []
+        self._free_rows = list(range(max_batch_size - 1, -1, -1))  # pop() hands out row 0 first
+
+        self.decode_steps = 0  # batched decode steps run so far (tests count them)
+        self._ready = False
+        self._draining = False
+        self._thread: threading.Thread | None = None
+        self._thread_error: BaseException | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Engine:
+        """Load the checkpoint that `settings` (a service.settings.Settings) names. Raises
+        gpt.CheckpointError for a bad checkpoint."""
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        checkpoint = load_checkpoint(settings.checkpoint, device=device, dtype=dtype)
+        return cls(checkpoint.model, checkpoint.tokenizer, max_batch_size=settings.max_batch_size,
+                   max_queue=settings.max_queue, queue_timeout_s=settings.queue_timeout_s,
+                   checkpoint_config=checkpoint.config, checkpoint_path=Path(settings.checkpoint),
+                   compile=settings.compile)
+
+    # -- State, readable from any thread --
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self._draining and self.alive
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def alive(self) -> bool:
+        return self._thread_error is None and (self._thread is None or self._thread.is_alive()
+                                               or self._stopping)
+
+    @property
+    def queue_size(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running_rows(self) -> int:
+        return len(self._running)
+
+    def model_card(self) -> dict[str, Any]:
+        config = self.model.config
+        return {
+            "preset": self.checkpoint_config.get("preset"),
+            "parameters": self.model.num_parameters(),
+            "layers": config.n_layer,
+            "heads": config.n_head,
+            "width": config.n_embd,
+            "context": config.block_size,
+            "vocab_size": self.tokenizer.vocab_size,
+            "vocab": self.tokenizer.chars,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
+            "weights_sha256": self.checkpoint_config.get("weights_sha256"),
+            "training": self.checkpoint_config.get("training", {}),
+            "empty_prompt": "generation starts from token id 0, the newline character",
+        }
+
+    # -- Lifecycle --
+
+    def start(self) -> None:
+        """Start the scheduler thread; it warms up at full batch, then turns `ready`."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="caesar-scheduler", daemon=True)
+            self._thread.start()
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request (call on the event loop). Raises EngineUnavailable or QueueFull at once."""
+        if self._draining:
+            raise EngineUnavailable("draining")
+        if not self.alive:
+            raise EngineUnavailable("unhealthy")
+        if not self._ready:
+            raise EngineUnavailable("loading")
+        work = _Work(request, RequestHandle(), time.perf_counter())
+        with self._lock:
+            if self._in_flight >= self.max_batch_size + self.max_queue:
+                raise QueueFull()
+            self._in_flight += 1
+            self._waiting.append(work)
+            self._lock.notify()
+        return work.handle
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new requests; let those in flight finish for up to `timeout_s`, then fail the rest
+        with a `shutdown` error so their clients hear why."""
+        self._draining = True
+        deadline = time.monotonic() + timeout_s
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._in_flight:
+            logger.warning("drain: %d requests still running after %.1f s; ending them",
+                           self._in_flight, timeout_s)
+            with self._lock:
+                self._abort = Failed("shutdown", "the server shut down before this request finished")
+                self._lock.notify()
+            while self._in_flight and self.alive:
+                await asyncio.sleep(0.02)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # -- The scheduler thread --
+
+    def _run(self) -> None:
+        try:
+            if self.warmup:
+                self._warm_up()
+            self._ready = True
+            logger.info("engine ready: %d rows on %s (%s)", self.max_batch_size, self.device, self.dtype)
+            while True:
+                with self._lock:
+                    while not (self._waiting or self._running or self._stopping or self._abort):
+                        self._lock.wait()
+                    if self._stopping:
+                        return
+                    abort, self._abort = self._abort, None
+                    admitted = self._take_admissions()
+                if abort is not None:
+                    self._fail_all(abort, admitted)
+                    continue
+                for work in [w for w in self._running if w.handle.cancelled]:
+                    self._release(work)  # the client is gone: nobody to tell
+                for work in admitted:
+                    self._start(work)
+                    self._settle([work])  # its first character goes out before the next prefill
+                self._decode_step()
+                self._settle(self._running)
+        except BaseException as error:  # a bug here must show in /health, and must not hang clients
+            logger.exception("the scheduler thread died")
+            self._thread_error = error
+            with self._lock:
+                orphans = list(self._waiting) + self._running
+            for work in orphans:
+                _call_soon(work.handle.loop, _put_events,
+                           [(work.handle, [Failed("generation", "the generation engine stopped")])])
+            raise
+
+    def _take_admissions(self) -> list[_Work]:
+        """Under the lock: settle the waiting queue's cancelled and timed-out requests, and take as
+        many of the rest as there will be free rows."""
+        now = time.perf_counter()
+        for work in list(self._waiting):
+            if work.handle.cancelled:
+                self._waiting.remove(work)
+                self._in_flight -= 1
+            elif now - work.submitted_at > self.queue_timeout_s:
+                self._waiting.remove(work)
+                self._in_flight -= 1
+                message = f"no free row within {self.queue_timeout_s:g} s; try again later"
+                _call_soon(work.handle.loop, _put_events, [(work.handle, [Failed("queue_timeout", message)])])
+        free = len(self._free_rows) + sum(1 for w in self._running if w.handle.cancelled)
+        admitted = []
+        while self._waiting and len(admitted) < free:
+            admitted.append(self._waiting.popleft())
+        return admitted
+
+    def _start(self, work: _Work) -> None:
+        """Give an admitted request a row: prefill its prompt and sample its first token."""
+        request = work.request
+        work.admitted_at = time.perf_counter()
+        work.emit(Admitted(work.admitted_at - work.submitted_at))
+        try:
+            work.seq = Sequence(request.prompt_ids, request.max_new_tokens, request.params,
+                                self.tokenizer.decode, self.tokenizer.vocab_size,
+                                self.model.config.block_size, request.stop)
+            if work.seq.finish_reason:  # max_new_tokens == 0: nothing to compute
+                work.emit(self._finished(work))
+                return
+            work.row = self._free_rows.pop()
+            self._running.append(work)
+            self._accept(work, start(self.model, self.cache, work.seq, work.row))
+        except Exception as error:
+            logger.exception("prefill failed")
+            work.emit(Failed("generation", f"generation failed: {type(error).__name__}"))
+
+    def _decode_step(self) -> None:
+        """One batched decode step over every running row. If it raises, only this batch fails."""
+        batch = [w for w in self._running if not w.ended]
+        if not batch:
+            return
+        self.decode_steps += 1
+        try:
+            texts = advance(self.model, self.cache, [w.seq for w in batch])
+        except Exception as error:
+            logger.exception("decode step failed for %d rows", len(batch))
+            for work in batch:
+                work.emit(Failed("generation", f"generation failed: {type(error).__name__}"))
+            return
+        for work, text in zip(batch, texts, strict=True):
+            self._accept(work, text)
+
+    def _accept(self, work: _Work, text: str) -> None:
+        now = time.perf_counter()
+        if work.first_token_at is None:
+            work.first_token_at = now
+        if text:
+            work.emit(TextChunk(text, now))
+        if work.seq.finish_reason:
+            work.emit(self._finished(work))
+
+    def _finished(self, work: _Work) -> Finished:
+        seq, now = work.seq, time.perf_counter()
+        return Finished(
+            finish_reason=seq.finish_reason,
+            generated_tokens=seq.generated,
+            seed=seq.seed,
+            input_length=seq.prompt_length,
+            truncated=seq.prompt_truncated,
+            last_token_id=seq.tokens[-1] if seq.generated else None,
+            queue_s=work.admitted_at - work.submitted_at,
+            time_to_first_token_s=(work.first_token_at or now) - work.submitted_at,
+            total_s=now - work.submitted_at,
+        )
+
+    def _settle(self, works: list[_Work]) -> None:
+        """Free the rows of requests that ended, then hand every request its new events."""
+        works = list(works)
+        for work in works:
+            if work.ended:  # its row is free before its client hears that it ended
+                self._release(work)
+        self._deliver(works)
+
+    def _release(self, work: _Work) -> None:
+        """Give back an ended or cancelled request's row and its place in flight (once)."""
+        if work.released:
+            return
+        work.released = True
+        if work in self._running:
+            self._running.remove(work)
+        if work.row is not None:
+            self.cache.free(work.row)
+            self._free_rows.append(work.row)
+            work.row = None
+        with self._lock:
+            self._in_flight -= 1
+
+    def _fail_all(self, failure: Failed, admitted: list[_Work]) -> None:
+        """End every request in flight with `failure` (the drain ran out of time)."""
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        everyone = admitted + waiting + self._running
+        for work in everyone:
+            work.emit(failure)
+        self._settle(everyone)
+
+    def _deliver(self, works: SequenceOf[_Work]) -> None:
+        """Hand every request its events of this iteration: one wake-up per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, list[Event]]]] = {}
+        for work in works:
+            if work.outbox:
+                by_loop.setdefault(work.handle.loop, []).append((work.handle, work.outbox))
+                work.outbox = []
+        for loop, items in by_loop.items():
+            _call_soon(loop, _put_events, items)
+
+    def _warm_up(self) -> None:
+        """Run the largest shapes the engine will see before serving: a prefill of a whole context
+        (row 0), then one decode step over every row that attends over the whole context length."""
+        started = time.perf_counter()
+        context = self.model.config.block_size
+        greedy = SamplingParams(temperature=0.0)
+        prompts = [[0] * (context - 1)] + [[0]] * (self.max_batch_size - 1)
+        seqs = [Sequence(prompt, 2, greedy, self.tokenizer.decode, self.tokenizer.vocab_size, context)
+                for prompt in prompts]
+        for row, seq in enumerate(seqs):
+            start(self.model, self.cache, seq, row)
+        advance(self.model, self.cache, seqs)
+        for row in range(self.max_batch_size):
+            self.cache.free(row)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        logger.info("warm-up at batch %d, context %d: %.2f s", self.max_batch_size, context,
+                    time.perf_counter() - started)
+
+
+def _put_events(items: list[tuple[RequestHandle, list[Event]]]) -> None:
+    for handle, events in items:
+        for event in events:
+            handle.events.put_nowait(event)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # the loop closed: nobody is listening any more
+        pass

@@ -1,0 +1,195 @@
+"""The engine in-process, on the tiny random model: continuous batching keeps each request's text
+what it would be alone, cancelled rows are freed within two decode steps, the queue is bounded,
+a failing decode step fails only its batch, and drain ends what cannot finish."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from gpt import GPT, CharTokenizer, SamplingParams, generate
+from service import engine as engine_module
+from service.engine import (
+    Engine,
+    EngineUnavailable,
+    Failed,
+    Finished,
+    GenerationRequest,
+    QueueFull,
+    RequestHandle,
+    TextChunk,
+)
+
+MakeEngine = Callable[..., Engine]
+
+
+@pytest.fixture
+def make_engine(tiny_model: GPT, tokenizer: CharTokenizer) -> MakeEngine:
+    engines = []
+
+    def make(**options: Any) -> Engine:
+        engine = Engine(tiny_model, tokenizer, **{"max_batch_size": 4, "max_queue": 8, **options})
+        engine.start()
+        deadline = time.monotonic() + 30
+        while not engine.ready:
+            assert time.monotonic() < deadline, "the engine did not warm up"
+            time.sleep(0.01)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.shutdown()
+
+
+def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(asyncio.wait_for(coroutine, timeout=60))
+
+
+async def outcome(handle: RequestHandle) -> tuple[str, Finished | Failed]:
+    text = ""
+    while True:
+        event = await handle.next_event()
+        if isinstance(event, TextChunk):
+            text += event.text
+        elif isinstance(event, Finished | Failed):
+            return text, event
+
+
+def request(tokenizer: CharTokenizer, prompt: str = "CAESAR:", max_new_tokens: int = 40,
+            **params: Any) -> GenerationRequest:
+    return GenerationRequest(tokenizer.encode(prompt), max_new_tokens, SamplingParams(**params))
+
+
+def test_same_seed_same_text_alone_and_in_a_full_batch(make_engine: MakeEngine, tiny_model: GPT,
+                                                       tokenizer: CharTokenizer) -> None:
+    engine = make_engine(max_batch_size=9)
+    mine = request(tokenizer, "BRUTUS:", 80, temperature=0.9, top_k=30, seed=7)
+
+    async def alone() -> str:
+        return (await outcome(engine.submit(mine)))[0]
+
+    async def among_others() -> str:
+        others = [engine.submit(request(tokenizer, "O" * n, 60 + 7 * n, seed=n)) for n in range(4)]
+        handle = engine.submit(mine)
+        others += [engine.submit(request(tokenizer, "Rome" * n, 90, top_p=0.8, seed=100 + n))
+                   for n in range(4)]
+        results = await asyncio.gather(outcome(handle), *(outcome(h) for h in others))
+        assert all(isinstance(end, Finished) for _, end in results)
+        return results[0][0]
+
+    text = run(alone())
+    assert len(text) == 80
+    assert run(among_others()) == text
+    # ...and it is what the library's own streaming generator writes for that seed.
+    chunks = generate(tiny_model, mine.prompt_ids, tokenizer.decode, 80, mine.params)
+    assert "".join(chunk.text for chunk in chunks) == text
+
+
+def test_cancelled_row_is_freed_within_two_decode_steps(make_engine: MakeEngine,
+                                                        tokenizer: CharTokenizer) -> None:
+    engine = make_engine()
+
+    async def scenario() -> int:
+        handle = engine.submit(request(tokenizer, max_new_tokens=10_000))
+        while not isinstance(await handle.next_event(), TextChunk):
+            pass
+        assert engine.running_rows == 1
+        steps_at_cancel = engine.decode_steps
+        handle.cancel()
+        while engine.running_rows:
+            await asyncio.sleep(0.001)
+        return engine.decode_steps - steps_at_cancel
+
+    assert run(scenario()) <= 2
+
+
+def test_full_queue_refuses_at_once_and_waiting_times_out(make_engine: MakeEngine,
+                                                          tokenizer: CharTokenizer) -> None:
+    engine = make_engine(max_batch_size=1, max_queue=1, queue_timeout_s=0.2)
+
+    async def scenario() -> tuple[str, Failed | Finished]:
+        running = engine.submit(request(tokenizer, max_new_tokens=100_000))
+        waiting = engine.submit(request(tokenizer))
+        with pytest.raises(QueueFull):
+            engine.submit(request(tokenizer))
+        _, waited = await outcome(waiting)
+        running.cancel()
+        return waited
+
+    waited = run(scenario())
+    assert isinstance(waited, Failed) and waited.error_type == "queue_timeout"
+
+
+def test_a_failing_decode_step_fails_only_its_batch(make_engine: MakeEngine, tokenizer: CharTokenizer,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = make_engine(max_batch_size=2)
+    real_advance, calls = engine_module.advance, {"n": 0}
+
+    def advance_failing_once(*args: Any) -> list[str]:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected fault")
+        return real_advance(*args)
+
+    monkeypatch.setattr(engine_module, "advance", advance_failing_once)
+
+    async def scenario() -> list[tuple[str, Finished | Failed]]:
+        batch = [engine.submit(request(tokenizer, max_new_tokens=1000, seed=n)) for n in range(2)]
+        queued = engine.submit(request(tokenizer, max_new_tokens=20, seed=9))  # no row yet: not in the batch
+        return await asyncio.gather(*(outcome(h) for h in [*batch, queued]))
+
+    (text_a, end_a), (text_b, end_b), (text_c, end_c) = run(scenario())
+    assert isinstance(end_a, Failed) and isinstance(end_b, Failed) and end_a.error_type == "generation"
+    assert len(text_a) == len(text_b) == 3  # the first token, then two good steps
+    assert isinstance(end_c, Finished) and len(text_c) == 20
+    assert engine.ready and engine.running_rows == 0
+
+
+def test_zero_new_tokens_stop_strings_and_long_prompts(make_engine: MakeEngine,
+                                                       tokenizer: CharTokenizer) -> None:
+    engine = make_engine()
+
+    async def scenario() -> list[tuple[str, Finished | Failed]]:
+        greedy = request(tokenizer, max_new_tokens=40, temperature=0.0)
+        text, _ = await outcome(engine.submit(greedy))
+        stop = text[20:23]
+        stopped = GenerationRequest(greedy.prompt_ids, 40, greedy.params, (stop,))
+        long_prompt = request(tokenizer, "Beware the ides of March. " * 10, max_new_tokens=5)
+        return [(text, _), *await asyncio.gather(
+            outcome(engine.submit(request(tokenizer, max_new_tokens=0))),
+            outcome(engine.submit(stopped)),
+            outcome(engine.submit(long_prompt)))]
+
+    (greedy_text, _), (empty, zero), (stopped_text, stopped), (_, long_end) = run(scenario())
+    assert empty == "" and zero.finish_reason == "length" and zero.generated_tokens == 0
+    assert stopped.finish_reason == "stop"
+    assert stopped_text == greedy_text[:greedy_text.index(greedy_text[20:23])]
+    assert long_end.truncated and long_end.input_length == 260 and long_end.generated_tokens == 5
+
+
+def test_drain_lets_short_requests_finish_and_ends_the_rest(make_engine: MakeEngine,
+                                                            tokenizer: CharTokenizer) -> None:
+    engine = make_engine()
+    cache_buffers = [t.data_ptr() for t in engine.cache.k + engine.cache.v]
+
+    async def scenario() -> tuple[Finished | Failed, Finished | Failed]:
+        short = engine.submit(request(tokenizer, max_new_tokens=5))
+        long = engine.submit(request(tokenizer, max_new_tokens=1_000_000))
+        short_outcome = asyncio.ensure_future(outcome(short))
+        long_outcome = asyncio.ensure_future(outcome(long))
+        await engine.drain(timeout_s=0.3)
+        with pytest.raises(EngineUnavailable):
+            engine.submit(request(tokenizer))
+        return (await short_outcome)[1], (await long_outcome)[1]
+
+    short_end, long_end = run(scenario())
+    assert isinstance(short_end, Finished)
+    assert isinstance(long_end, Failed) and long_end.error_type == "shutdown"
+    assert not engine.ready and engine.running_rows == 0 and engine.queue_size == 0
+    # The KV cache is the one allocated at start: serving never reallocates it.
+    assert [t.data_ptr() for t in engine.cache.k + engine.cache.v] == cache_buffers
