@@ -1,0 +1,37 @@
+"""The short version of bench/load.py in the suite: 16 clients for a few seconds against a real
+`python -m service` on the tiny checkpoint, with few rows so that bursts are refused. Nothing fails,
+refusals are 429/503 with Retry-After only, every row is given back, memory does not grow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.load import MIB, LoadConfig, run_load
+from tests.server_utils import running_server
+
+pytestmark = pytest.mark.slow
+
+# A run this short cannot show a slow leak; it catches a per-request one of more than ~100 KiB.
+RSS_NOISE_BOUND = 32 * MIB
+
+
+def test_short_load_run_loses_nothing(tiny_checkpoint: Path) -> None:
+    config = LoadConfig(clients=16, duration_s=8.0, max_new_tokens=64, disconnect_share=0.3,
+                        burst_every_s=3.0, request_timeout_s=60.0, seed=6)
+    with running_server(tiny_checkpoint, "--max-batch-size", "4", "--max-queue", "8",
+                        "--log-level", "warning") as server:
+        report = run_load(server.base_url, server.process.pid, config)
+        assert server.process.poll() is None, server.log()
+    print(report.table())
+
+    assert report.failed == 0, report.table()
+    assert set(report.refused) <= {429, 503}  # `send` counts a refusal only when it carries Retry-After
+    refused = sum(report.refused.values())
+    assert report.sent == report.completed + report.disconnected + refused + report.failed
+    # A burst is max_batch_size + max_queue + 8 requests on top of the 16 clients: some must be refused.
+    assert report.bursts >= 1 and report.refused[429] >= 8
+    assert report.completed > 0 and report.disconnected > 0 and report.ttfc_s
+    assert report.rows_after == 0 and report.queue_after == 0
+    assert report.rss_growth < RSS_NOISE_BOUND, report.table()
