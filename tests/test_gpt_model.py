@@ -26,6 +26,17 @@ def test_parameter_names_follow_gpt2():
     assert "lm_head.bias" not in names
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 64), (8, 1, 64), (1, 40, 64), (3, 50, 64)])
+def test_the_weight_first_cpu_route_equals_nn_linear(shape):
+    """gpt.model.Linear takes (W @ x^T)^T for few rows at inference; it must be F.linear's result."""
+    from gpt.model import Linear
+    layer = Linear(64, 192)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias),
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_initial_loss_is_about_uniform(tiny_model):
     idx = torch.randint(0, 65, (4, 32))
     _, loss = tiny_model(idx, targets=idx)
