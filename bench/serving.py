@@ -1,0 +1,170 @@
+"""Serving: our service (continuous batching) vs the naive service (HF `generate` per request, one
+at a time, bench/naive_service.py), same weights, same load, over loopback HTTP.
+
+    .venv/bin/python -m bench.serving            # 1, 8, 32 concurrent clients, 128 new characters
+    .venv/bin/python -m bench.serving --quick    # 1, 8 clients, 32 new characters (< 2 minutes)
+
+Both servers stream TGI's SSE framing from POST /generate_stream; one client measures both: time to
+first character (request sent -> first token event), request latency, and requests/s. The loads
+alternate between the two servers (both stay up, the idle one costs nothing), level by level.
+Weights: the shipped checkpoint (checkpoints/caesar-small) when present, else a random `small`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import (
+    SHIPPED_CHECKPOINT,
+    Table,
+    base_parser,
+    command_line,
+    free_port,
+    machine_line,
+    percentile,
+    plot_lines,
+    prompt_of,
+    random_checkpoint,
+    running_server,
+    set_threads,
+    write_section,
+)
+
+
+@dataclass
+class Request:
+    first_char_s: float
+    total_s: float
+    chars: int
+
+
+@dataclass
+class LoadResult:
+    requests: list[Request]
+    wall_s: float
+
+    @property
+    def requests_per_s(self) -> float:
+        return len(self.requests) / self.wall_s
+
+    @property
+    def chars_per_s(self) -> float:
+        return sum(r.chars for r in self.requests) / self.wall_s
+
+    def first_char(self, q: float) -> float:
+        return percentile([r.first_char_s for r in self.requests], q)
+
+
+async def one_request(client: object, prompt: str, new: int) -> Request:
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": new, "temperature": 0}}
+    start = time.perf_counter()
+    first, chars = None, 0
+    async with client.stream("POST", "/generate_stream", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # blank separators and ": ping" keep-alives
+            event = json.loads(line[5:])
+            if event.get("token"):  # TGI's last event carries the last token too
+                first = first or time.perf_counter()
+                chars += 1
+            if event.get("generated_text") is not None:
+                break
+    end = time.perf_counter()
+    return Request((first or end) - start, end - start, chars)
+
+
+def run_load(base: str, clients: int, requests_per_client: int, prompt: str, new: int) -> LoadResult:
+    import httpx
+
+    async def client_loop(client: httpx.AsyncClient) -> list[Request]:
+        return [await one_request(client, prompt, new) for _ in range(requests_per_client)]
+
+    async def run() -> LoadResult:
+        limits = httpx.Limits(max_connections=clients + 4)
+        async with httpx.AsyncClient(base_url=base, timeout=900, limits=limits) as client:
+            start = time.perf_counter()
+            per_client = await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+            wall = time.perf_counter() - start
+        return LoadResult([r for rs in per_client for r in rs], wall)
+
+    return asyncio.run(run())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, help="default: the shipped one, else a random small")
+    parser.add_argument("--clients", type=int, nargs="+", help="concurrent clients (default 1 8 32)")
+    parser.add_argument("--new", type=int, help="new characters per request (default 128, --quick 32)")
+    parser.add_argument("--requests", type=int, help="requests per level, at least one per client "
+                        "(default max(2 x clients, 8); --quick max(clients, 4))")
+    parser.add_argument("--prompt-length", type=int, default=64)
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    levels = args.clients or ([1, 8] if args.quick else [1, 8, 32])
+    new = args.new or (32 if args.quick else 128)
+    if args.checkpoint:
+        checkpoint, which = args.checkpoint, str(args.checkpoint)
+    elif (SHIPPED_CHECKPOINT / "config.json").is_file():
+        checkpoint, which = SHIPPED_CHECKPOINT, "the shipped checkpoint (checkpoints/caesar-small)"
+    else:
+        checkpoint = random_checkpoint("small")
+        which = "a random-weight `small` checkpoint (none shipped yet)"
+    prompt = prompt_of(args.prompt_length)
+
+    ours_port, naive_port = free_port(), free_port()
+    threads = str(args.threads)
+    ours_cmd = [sys.executable, "-m", "service", "--checkpoint", str(checkpoint), "--port", str(ours_port),
+                "--threads", threads, "--device", "cpu", "--max-batch-size", str(max(32, *levels)),
+                "--max-queue", "256", "--log-level", "warning"]
+    naive_cmd = [sys.executable, "-m", "bench.naive_service", "--checkpoint", str(checkpoint),
+                 "--port", str(naive_port), "--threads", threads]
+    results: dict[tuple[str, int], LoadResult] = {}
+    with running_server(ours_cmd, ours_port) as ours, running_server(naive_cmd, naive_port) as naive:
+        servers = {"ours": ours, "naive": naive}
+        for base in servers.values():  # warm-up
+            run_load(base, 1, 1, prompt, 8)
+        for clients in levels:
+            total = args.requests or (max(clients, 4) if args.quick else max(2 * clients, 8))
+            per_client = max(1, -(-total // clients))
+            for name, base in servers.items():
+                results[(name, clients)] = result = run_load(base, clients, per_client, prompt, new)
+                print(f"{name:5s} {clients:3d} clients: {len(result.requests)} requests in "
+                      f"{result.wall_s:.1f} s", flush=True)
+
+    table = Table(["service", "clients", "requests", "requests/s", "chars/s", "first char p50 ms",
+                   "first char p99 ms", "latency p50 s"])
+    for (name, clients), r in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0] != "ours")):
+        table.add(name, clients, len(r.requests), r.requests_per_s, r.chars_per_s, r.first_char(0.5) * 1e3,
+                  r.first_char(0.99) * 1e3, percentile([q.total_s for q in r.requests], 0.5))
+    ratios = Table(["clients", "throughput ours / naive", "first char p99 naive / ours",
+                    "first char p50 naive / ours"])
+    for clients in levels:
+        ours, naive = results[("ours", clients)], results[("naive", clients)]
+        ratios.add(clients, f"{ours.requests_per_s / naive.requests_per_s:.1f}x",
+                   f"{naive.first_char(0.99) / ours.first_char(0.99):.1f}x",
+                   f"{naive.first_char(0.5) / ours.first_char(0.5):.1f}x")
+
+    header = (f"`{command_line(argv)}`\n\nWeights: {which}. CPU float32, greedy, {len(prompt)}-character "
+              f"prompt, {new} new characters per request, streamed (SSE) over loopback; {machine_line()}.\n"
+              "naive = FastAPI + HF `generate` per request under a lock (bench/naive_service.py), "
+              "streaming through HF's streamer; ours = `python -m service` (continuous batching).")
+    print(table.markdown())
+    print()
+    print(ratios.markdown())
+    if not args.no_docs:
+        series = {f"{name} requests/s": (levels, [results[(name, c)].requests_per_s for c in levels])
+                  for name in ("ours", "naive")}
+        png = plot_lines(args.docs / "serving.png", "Serving: requests/s vs concurrent clients",
+                         "concurrent clients", "requests / second", series, logx=True)
+        write_section(args.docs, "serving", "Serving vs the naive service (CPU)",
+                      f"{header}\n\n{table.markdown()}\n\n{ratios.markdown()}\n\n![serving]({png.name})")
+
+
+if __name__ == "__main__":
+    main()
