@@ -23,8 +23,10 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -68,14 +70,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write `path` so that it either holds all of `data` or does not change: temp file, fsync, rename."""
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write `path` with `write(file)` so that it either holds all of it or does not change:
+    a temporary file beside it, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; the cache is ordinary readable data
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; these are ordinary readable files
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
@@ -139,11 +142,11 @@ def fetch(cache_dir: Path = DEFAULT_CACHE_DIR, archive: Path | None = None) -> d
         verify_archive(archive)
         corpora = extract_corpora(archive)
         if archive != cache_dir / ARCHIVE_NAME:
-            write_atomically(cache_dir / ARCHIVE_NAME, archive.read_bytes())
+            write_atomically(cache_dir / ARCHIVE_NAME, lambda f: f.write(archive.read_bytes()))
     paths = {}
     for name, data in corpora.items():
         paths[name] = cache_dir / CORPORA[name]
-        write_atomically(paths[name], data)
+        write_atomically(paths[name], lambda f, data=data: f.write(data))
     return paths
 
 

@@ -21,7 +21,6 @@ import os
 import shlex
 import signal
 import sys
-import tempfile
 import threading
 import time
 from contextlib import nullcontext
@@ -40,7 +39,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from gpt import GPT, PRESETS, CharTokenizer, CheckpointError, GPTConfig, load_checkpoint, save_checkpoint
 from gpt.checkpoint import read_config
 from training.config import DEFAULT_MAX_STEPS, MIN_LR_RATIO, TrainConfig
-from training.data import Corpus, encode_corpus, load_corpus, sample_batch, split
+from training.data import Corpus, encode_corpus, load_corpus, sample_batch, split, write_atomically
 
 log = logging.getLogger("training")
 
@@ -173,19 +172,6 @@ def held_out_loss(model: GPT, ids: torch.Tensor, device: torch.device, dtype: to
 
 # ----------------------------------------------------------------------------------------------
 # Saving and resuming
-
-
-def save_torch_atomically(obj: Any, path: Path) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def link_best_checkpoint(out: Path) -> None:
@@ -401,13 +387,14 @@ def train(config: TrainConfig, command: str | None = None, stop_at: int | None =
             return
         meta = metadata(train_loss, val_loss)
         save_checkpoint(out / LAST_DIR, raw_model, tokenizer, preset=preset, metadata=meta)
-        save_torch_atomically({
+        resume_state = {
             "format": RESUME_FORMAT, "step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val_loss,
             "history": history, "config": config.to_dict(), "preset": preset, "vocab": tokenizer.chars,
             "model_config": raw_model.config.to_dict(), "corpus_sha256": corpus.sha256,
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
             "batch_rng": batch_generator.get_state(), "rng": rng,
-        }, out / RESUME_FILE)
+        }
+        write_atomically(out / RESUME_FILE, lambda f: torch.save(resume_state, f))
         if improved:
             save_dtype = getattr(torch, config.save_dtype)
             save_checkpoint(out / BEST_DIR, raw_model, tokenizer, preset=preset, metadata=meta,
