@@ -244,8 +244,12 @@ def running(command: list[str], env: dict[str, str], log: Path) -> Iterator[subp
         yield process
     finally:
         if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
+            process.terminate()  # SIGKILL would leave nginx's worker processes behind
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
 
 
 def wait_until_ready(port: int, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 90.0) -> None:
