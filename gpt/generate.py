@@ -119,12 +119,11 @@ def prefill(model: GPT, cache: KVCache, row: int, ids: list[int]) -> torch.Tenso
 
 def decode_step(model: GPT, cache: KVCache, rows: list[int], tokens: list[int]) -> torch.Tensor:
     """Feed one token to each of `rows`, each at its own position; return logits (R, V)."""
-    device = cache.k[0].device
-    start = [cache.lengths[r] for r in rows]
     if cache.static_decode is not None:
         logits = _decode_all_rows(cache, rows, tokens)
     else:
-        logits = model.forward_cached(torch.tensor(tokens, device=device)[:, None], cache, rows, start)[:, -1]
+        idx = torch.tensor(tokens, device=cache.k[0].device)[:, None]
+        logits = model.forward_cached(idx, cache, rows, [cache.lengths[r] for r in rows])[:, -1]
     for r in rows:
         cache.lengths[r] += 1
     return logits
