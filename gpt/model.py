@@ -82,20 +82,30 @@ class CacheRows:
     `index` (R,) and `positions` (R, T) address the writes; reads take `selector` (a slice when the
     rows are consecutive, so the cache is viewed rather than gathered) up to `length` positions,
     under `mask` (R, 1, T, length): a key is visible to a query at position p when it sits at
-    position <= p in the same row.
+    position <= p in the same row. When every row starts at the same position, the mask is left
+    out: one new token sees every cached key, and a prompt from position 0 is plain causal
+    attention (`is_causal`); `span` then holds the new tokens' positions as a slice.
     """
 
     index: torch.Tensor
     selector: slice | torch.Tensor
     positions: torch.Tensor
     length: int
-    mask: torch.Tensor
+    mask: torch.Tensor | None
+    is_causal: bool = False
+    span: slice | None = None
 
     @classmethod
-    def build(cls, rows: list[int], positions: torch.Tensor, length: int) -> CacheRows:
+    def build(cls, rows: list[int], start: list[int], new: int, device: torch.device) -> CacheRows:
+        """Rows `rows`, the first new token of row i at position start[i], `new` tokens each."""
+        length = max(start) + new  # attend only as far as the furthest of these rows has reached
+        positions = torch.tensor(start, device=device)[:, None] + torch.arange(new, device=device)
         consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
-        index = torch.tensor(rows, device=positions.device)
+        index = torch.tensor(rows, device=device)
         selector = slice(rows[0], rows[0] + len(rows)) if consecutive else index
+        if all(s == start[0] for s in start) and (new == 1 or start[0] == 0):
+            span = slice(start[0], length)
+            return cls(index, selector, positions, length, None, is_causal=new > 1, span=span)
         return cls(index, selector, positions, length, cls.causal_mask(positions, length))
 
     @staticmethod
@@ -103,24 +113,54 @@ class CacheRows:
         key_pos = torch.arange(length, device=positions.device)
         return (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # (R, 1, T, L)
 
+    def write(self, cache: torch.Tensor, new: torch.Tensor) -> None:
+        """Store keys or values `new` (R, n_head, T, head_dim) at the rows' positions, in place."""
+        if self.span is not None and isinstance(self.selector, slice):
+            cache[self.selector, :, self.span] = new
+        else:
+            # Indexing (R, 1) rows and (R, T) positions around the head slice puts (R, T) first.
+            cache[self.index[:, None], :, self.positions] = new.transpose(1, 2)  # (R, T, n_head, head_dim)
+
 
 # Decoding feeds each projection a handful of rows (one per running sequence), where CPU BLAS is at
-# its worst: for 2..64 rows, MKL computes x @ W^T at a fraction of the speed of the same product
-# taken weight-first, (W @ x^T)^T (2-2.5x less CPU for the seed's projections; see
-# docs/benchmarks.md). Up to this many rows, inference on the CPU takes the weight-first route;
+# its worst. For one row, MKL runs the matrix-vector product on one thread, which cannot stream the
+# weights from memory as fast as all cores together; for 2..64 rows it computes x @ W^T at a
+# fraction of the speed of the same product taken weight-first, (W @ x^T)^T (see
+# docs/benchmarks.md). Up to this many rows, inference on the CPU takes those two routes;
 # training, long prompts, CUDA and torch.compile keep nn.Linear's.
 FEW_ROWS = 64
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same math) with a faster CPU route for inputs of few rows."""
+    """nn.Linear (same parameters, same math) with faster CPU routes for inputs of few rows."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if (rows > FEW_ROWS or x.device.type != "cpu" or torch.compiler.is_compiling()
                 or (torch.is_grad_enabled() and self.weight.requires_grad)):
             return super().forward(x)
+        if rows == 1:
+            return blocked_linear(x, self.weight, self.bias, blocks_for(self.out_features))
         return weight_first_linear(x, self.weight, self.bias)
+
+
+def blocks_for(n_out: int) -> int:
+    """One block of weight rows per intra-op thread, as many as divide n_out evenly."""
+    return next(b for b in range(min(torch.get_num_threads(), n_out), 0, -1) if n_out % b == 0)
+
+
+def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   blocks: int) -> torch.Tensor:
+    """F.linear(x, weight, bias) for one row, the weight's rows split into `blocks` blocks of one
+    batched product, which ATen runs on that many threads at once."""
+    n_out, n_in = weight.shape
+    x_rows = x.reshape(1, 1, n_in).expand(blocks, 1, n_in)
+    w_blocks = weight.view(blocks, n_out // blocks, n_in).transpose(1, 2)  # (blocks, K, N/blocks)
+    if bias is None:
+        y = torch.bmm(x_rows, w_blocks)
+    else:
+        y = torch.baddbmm(bias.view(blocks, 1, n_out // blocks), x_rows, w_blocks)  # (blocks, 1, N/blocks)
+    return y.view(*x.shape[:-1], n_out)
 
 
 def weight_first_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -168,12 +208,11 @@ class CausalSelfAttention(nn.Module):
                        rows: CacheRows) -> torch.Tensor:
         """x: (R, T, C), the new tokens of the R rows that `rows` names."""
         q, k, v = self._split_heads(x)  # (R, n_head, T, head_dim)
-        # Indexing (R, 1) rows and (R, T) positions around the head slice puts (R, T) first.
-        k_cache[rows.index[:, None], :, rows.positions] = k.transpose(1, 2)  # (R, T, n_head, head_dim)
-        v_cache[rows.index[:, None], :, rows.positions] = v.transpose(1, 2)
+        rows.write(k_cache, k)
+        rows.write(v_cache, v)
         keys = k_cache[rows.selector, :, :rows.length]  # (R, n_head, L, head_dim)
         values = v_cache[rows.selector, :, :rows.length]
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=rows.mask)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=rows.mask, is_causal=rows.is_causal)
         return self._merge_heads(y)
 
 
@@ -261,12 +300,10 @@ class GPT(nn.Module):
         """Inference path. idx: (R, T) new tokens for cache rows `rows`, the first of row i at
         position start[i]. Writes their keys and values into the cache; returns logits (R, T, V).
         Does not move `cache.lengths`: the callers in gpt/generate.py own that bookkeeping."""
-        T = idx.size(1)
-        length = max(start) + T  # attend only as far as the furthest of these rows has reached
-        if length > cache.max_len:
-            raise ValueError(f"position {length - 1} is past the cache length {cache.max_len}")
-        positions = torch.tensor(start, device=idx.device)[:, None] + torch.arange(T, device=idx.device)
-        return self.forward_rows(idx, cache, CacheRows.build(rows, positions, length))
+        cache_rows = CacheRows.build(rows, start, idx.size(1), idx.device)
+        if cache_rows.length > cache.max_len:
+            raise ValueError(f"position {cache_rows.length - 1} is past the cache length {cache.max_len}")
+        return self.forward_rows(idx, cache, cache_rows)
 
     def forward_rows(self, idx: torch.Tensor, cache: KVCache, rows: CacheRows) -> torch.Tensor:
         x = self.transformer.wte(idx) + self.transformer.wpe(rows.positions)  # (R, T, C)

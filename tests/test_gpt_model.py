@@ -37,6 +37,31 @@ def test_the_weight_first_cpu_route_equals_nn_linear(shape):
                                    atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("blocks", [1, 2, 3, 4])
+def test_the_blocked_one_row_route_equals_nn_linear(blocks):
+    """One row at inference goes through a batched product over blocks of the weight's rows (one
+    per thread); any block count must give F.linear's result."""
+    from gpt.model import blocked_linear
+    layer = torch.nn.Linear(64, 192)
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        torch.testing.assert_close(blocked_linear(x, layer.weight, layer.bias, blocks), expected,
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(blocked_linear(x, layer.weight, None, blocks),
+                                   expected - layer.bias, atol=1e-5, rtol=1e-5)
+
+
+def test_blocks_divide_the_output_rows():
+    from gpt.model import blocks_for
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        assert [blocks_for(n) for n in (2304, 65, 6, 1)] == [4, 1, 3, 1]
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_initial_loss_is_about_uniform(tiny_model):
     idx = torch.randint(0, 65, (4, 32))
     _, loss = tiny_model(idx, targets=idx)
@@ -99,6 +124,25 @@ def test_one_decode_step_advances_rows_at_different_positions(tiny_model):
         torch.testing.assert_close(batch[1], full_logits(tiny_model, reused)[-1], atol=1e-5, rtol=0)
         torch.testing.assert_close(batch[0], full_logits(tiny_model, texts[0] + [5])[-1], atol=1e-5, rtol=0)
         torch.testing.assert_close(batch[2], full_logits(tiny_model, texts[3] + [6])[-1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [[1, 2, 3], [0, 3]])
+def test_rows_at_the_same_position_need_no_mask(tiny_model, rows):
+    """Rows that all sit at one position skip the mask (and, when consecutive, write the cache
+    through a slice); each still matches its own full forward."""
+    from gpt.model import CacheRows
+    torch.manual_seed(1)
+    texts = {row: torch.randint(0, 65, (12,)).tolist() for row in rows}
+    cache = KVCache(tiny_model.config, max_batch=4)
+    assert CacheRows.build(rows, [11] * len(rows), 1, torch.device("cpu")).mask is None
+    with torch.no_grad():
+        for row in rows:
+            prefill(tiny_model, cache, row, texts[row][:-2])
+        for step in (2, 1):
+            batch = decode_step(tiny_model, cache, rows, [texts[r][-step] for r in rows])
+            for row, row_logits in zip(rows, batch, strict=True):
+                expected = full_logits(tiny_model, texts[row][:len(texts[row]) - step + 1])[-1]
+                torch.testing.assert_close(row_logits, expected, atol=1e-5, rtol=0)
 
 
 def test_cache_is_written_in_place(tiny_model):
