@@ -153,6 +153,8 @@ def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                    blocks: int) -> torch.Tensor:
     """F.linear(x, weight, bias) for one row, the weight's rows split into `blocks` blocks of one
     batched product, which ATen runs on that many threads at once."""
+    if blocks == 1:
+        return F.linear(x, weight, bias)
     n_out, n_in = weight.shape
     x_rows = x.reshape(1, 1, n_in).expand(blocks, 1, n_in)
     w_blocks = weight.view(blocks, n_out // blocks, n_in).transpose(1, 2)  # (blocks, K, N/blocks)

@@ -108,7 +108,9 @@ def configure_optimizer(model: GPT, config: TrainConfig, device: torch.device) -
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
+    # The fused kernel updates every parameter in one pass, on the CPU as on CUDA.
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99), fused=fused)
 
 
 def learning_rate(step: int, config: TrainConfig, max_steps: int) -> float:
@@ -387,6 +389,13 @@ def train(config: TrainConfig, command: str | None = None, stop_at: int | None =
             return
         meta = metadata(train_loss, val_loss)
         save_checkpoint(out / LAST_DIR, raw_model, tokenizer, preset=preset, metadata=meta)
+        # best/ before resume.pt: a resume state never counts an improvement that best/ does not hold
+        # (a kill between the two resumes from the previous state, which evaluates this step again).
+        if improved:
+            save_dtype = getattr(torch, config.save_dtype)
+            save_checkpoint(out / BEST_DIR, raw_model, tokenizer, preset=preset, metadata=meta,
+                            dtype=save_dtype)
+            link_best_checkpoint(out)
         resume_state = {
             "format": RESUME_FORMAT, "step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val_loss,
             "history": history, "config": config.to_dict(), "preset": preset, "vocab": tokenizer.chars,
@@ -395,11 +404,6 @@ def train(config: TrainConfig, command: str | None = None, stop_at: int | None =
             "batch_rng": batch_generator.get_state(), "rng": rng,
         }
         write_atomically(out / RESUME_FILE, lambda f: torch.save(resume_state, f))
-        if improved:
-            save_dtype = getattr(torch, config.save_dtype)
-            save_checkpoint(out / BEST_DIR, raw_model, tokenizer, preset=preset, metadata=meta,
-                            dtype=save_dtype)
-            link_best_checkpoint(out)
 
     throughput = {"seconds": 0.0, "tokens": 0}  # training steps only: evaluations and saves are not counted
 
