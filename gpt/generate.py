@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 
 from gpt.model import GPT, CacheRows, KVCache
-from gpt.sampling import SamplingParams, make_generator, sample_token
+from gpt.sampling import SamplingParams, greedy_tokens, is_plain_greedy, make_generator, sample_token
 
 MAX_STOP_STRINGS = 4
 
@@ -71,8 +71,10 @@ class Sequence:
         self.keep = max(1, 3 * block_size // 4)
         self.window_start = 0
         self.generator, self.seed = make_generator(params.seed)
-        self.seen = torch.zeros(vocab_size, dtype=torch.bool)
-        self.seen[torch.tensor(prompt_ids, dtype=torch.long)] = True
+        self.seen: torch.Tensor | None = None  # characters in the text so far, for the repetition penalty
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool)
+            self.seen[torch.tensor(prompt_ids, dtype=torch.long)] = True
         self.stop = StopMatcher(stop)
         self.generated = 0
         self.finish_reason: str | None = "length" if max_new_tokens <= 0 else None
@@ -94,11 +96,15 @@ class Sequence:
         self.window_start = len(self.tokens) - self.keep
         return True
 
-    def accept(self, logits: torch.Tensor) -> str:
-        """Sample the next token from logits (V,) and return the text it releases."""
-        token = sample_token(logits, self.params, self.seen, self.generator)
+    def sample(self, logits: torch.Tensor) -> int:
+        """The next token from this sequence's logits (V,), a float32 CPU tensor."""
+        return sample_token(logits, self.params, self.seen, self.generator)
+
+    def accept(self, token: int) -> str:
+        """Append the next token and return the text it releases."""
         self.tokens.append(token)
-        self.seen[token] = True
+        if self.seen is not None:
+            self.seen[token] = True
         self.generated += 1
         text, stopped = self.stop.push(self.decode([token]))
         if stopped:
@@ -169,26 +175,44 @@ def start(model: GPT, cache: KVCache, seq: Sequence, row: int) -> str:
     """Give `seq` cache row `row`, prefill its prompt and sample its first token."""
     seq.row = row
     logits = prefill(model, cache, row, seq.context())
-    return seq.accept(logits.float().cpu())
+    return seq.accept(seq.sample(logits.float().cpu()))
 
 
 @torch.inference_mode()
 def advance(model: GPT, cache: KVCache, seqs: list[Sequence]) -> list[str]:
     """One new token for each running sequence, in order. Rows whose context is full are prefilled
     again from their recent text; all the others share one batched decode step."""
-    logits: dict[int, torch.Tensor] = {}
-    decoding: list[Sequence] = []
-    for seq in seqs:
+    if not seqs:
+        return []
+    logits: list[torch.Tensor | None] = [None] * len(seqs)
+    decoding: list[int] = []  # indices into seqs
+    for i, seq in enumerate(seqs):
         if seq.slide_window():
-            logits[id(seq)] = prefill(model, cache, seq.row, seq.context())
+            logits[i] = prefill(model, cache, seq.row, seq.context())
         else:
-            decoding.append(seq)
-    decoding.sort(key=lambda s: s.row)  # consecutive rows let attention view the cache, not copy it
+            decoding.append(i)
+    decoding.sort(key=lambda i: seqs[i].row)  # consecutive rows let attention view the cache, not copy it
     if decoding:
-        batch = decode_step(model, cache, [s.row for s in decoding], [s.tokens[-1] for s in decoding])
-        logits.update((id(s), row_logits) for s, row_logits in zip(decoding, batch, strict=True))
-    host = {key: value.float().cpu() for key, value in logits.items()}
-    return [seq.accept(host[id(seq)]) for seq in seqs]
+        rows, last_tokens = [seqs[i].row for i in decoding], [seqs[i].tokens[-1] for i in decoding]
+        batch = decode_step(model, cache, rows, last_tokens)
+        for i, row_logits in zip(decoding, batch, strict=True):
+            logits[i] = row_logits
+    host = torch.stack(logits).float().cpu()  # (R, V): one copy to the host for the whole batch
+    return [seq.accept(token) for seq, token in zip(seqs, sample_batch(seqs, host), strict=True)]
+
+
+def sample_batch(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+    """Each sequence's next token from its row of logits (R, V); the plain greedy rows share one
+    argmax, the others sample on their own generators."""
+    greedy = [i for i, seq in enumerate(seqs) if is_plain_greedy(seq.params)]
+    tokens = [0] * len(seqs)
+    if greedy:
+        for i, token in zip(greedy, greedy_tokens(logits[greedy]), strict=True):
+            tokens[i] = token
+    for i, seq in enumerate(seqs):
+        if not is_plain_greedy(seq.params):
+            tokens[i] = seq.sample(logits[i])
+    return tokens
 
 
 def generate(model: GPT, prompt_ids: list[int], decode: Callable[[list[int]], str],
@@ -224,5 +248,5 @@ def generate_reference(model: GPT, prompt_ids: list[int], decode: Callable[[list
     while seq.finish_reason is None:
         seq.slide_window()
         logits, _ = model(torch.tensor([seq.context()], device=device))
-        seq.accept(logits[0, -1].float().cpu())
+        seq.accept(seq.sample(logits[0, -1].float().cpu()))
     return seq

@@ -38,9 +38,10 @@ def make_generator(seed: int | None) -> tuple[torch.Generator, int]:
     return torch.Generator().manual_seed(seed), seed
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Divide positive and multiply negative logits of the characters marked in `seen` (V,) bool."""
-    if penalty == 1.0:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) -> torch.Tensor:
+    """Divide positive and multiply negative logits of the characters marked in `seen` (V,) bool
+    (which only a penalty other than 1 needs)."""
+    if penalty == 1.0 or seen is None:
         return logits
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
@@ -66,7 +67,7 @@ def apply_top_p(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_token(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
+def sample_token(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
                  generator: torch.Generator) -> int:
     """Pick the next token id from one row of logits (V,), a float32 CPU tensor."""
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
@@ -75,3 +76,13 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, seen: torch.Tenso
     logits = apply_top_p(apply_top_k(logits / params.temperature, params.top_k), params.top_p)
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def is_plain_greedy(params: SamplingParams) -> bool:
+    """Argmax of the raw logits: what rows with these settings can share with each other."""
+    return params.temperature == 0 and params.repetition_penalty == 1.0
+
+
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """The argmax of each row of logits (R, V), in one call for the whole batch."""
+    return logits.argmax(dim=-1).tolist()

@@ -35,15 +35,20 @@ def test_same_seed_same_text_alone_and_inside_a_batch_of_8(tiny_model, tokenizer
 
     cache = KVCache(tiny_model.config, max_batch=8)
     seqs, texts = [], []
+    others = {2: SamplingParams(temperature=0), 3: SamplingParams(temperature=0, repetition_penalty=1.3),
+              6: SamplingParams(temperature=0)}  # greedy rows share one argmax; the penalized one does not
     for row in range(8):
         # Row 5 is ours; the others have other prompts, seeds and settings.
-        prompt, p = ("Friends, Romans", params) if row == 5 else ("x" * (row + 1), SamplingParams(seed=row))
+        prompt, p = ("Friends, Romans", params) if row == 5 else \
+            ("x" * (row + 1), others.get(row, SamplingParams(seed=row)))
         seqs.append(Sequence(tokenizer.encode(prompt), 80, p, tokenizer.decode, 65, 64))
         texts.append(start(tiny_model, cache, seqs[-1], row))
     while seqs[5].finish_reason is None:
         for i, chunk in enumerate(advance(tiny_model, cache, seqs)):
             texts[i] += chunk
     assert texts[5] == alone
+    for row in others:
+        assert texts[row] == run(tiny_model, tokenizer, "x" * (row + 1), 80, others[row])[0]
     assert len({t for t in texts}) > 1
 
 

@@ -8,6 +8,8 @@ from gpt.sampling import (
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
+    greedy_tokens,
+    is_plain_greedy,
     make_generator,
     sample_token,
 )
@@ -19,6 +21,18 @@ def test_temperature_zero_is_argmax():
     logits = torch.tensor([0.1, 2.0, -1.0, 1.9, 0.0])
     generator, _ = make_generator(0)
     assert sample_token(logits, SamplingParams(temperature=0), NOTHING_SEEN, generator) == 1
+
+
+def test_batched_greedy_is_each_rows_argmax():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 65)
+    generator, _ = make_generator(0)
+    assert greedy_tokens(logits) == [sample_token(row, SamplingParams(temperature=0), None, generator)
+                                     for row in logits]
+    # A repetition penalty changes the logits first: such rows are not shared greedy rows.
+    assert is_plain_greedy(SamplingParams(temperature=0))
+    assert not is_plain_greedy(SamplingParams(temperature=0, repetition_penalty=1.3))
+    assert not is_plain_greedy(SamplingParams(temperature=0.7))
 
 
 def test_top_k_one_equals_greedy():
