@@ -117,10 +117,37 @@ class Sequence:
 
 def prefill(model: GPT, cache: KVCache, row: int, ids: list[int]) -> torch.Tensor:
     """Write a row's tokens into its cache slot from position 0; return the last logits (V,)."""
+    return prefill_rows(model, cache, [row], [ids])[0]
+
+
+def prefill_rows(model: GPT, cache: KVCache, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
+    """Write several rows' tokens into their cache slots from position 0 in one forward, the shorter
+    prompts padded at the end; return each row's last logits (R, V). The padding only writes keys
+    past a row's length, which no query sees and the row's next tokens overwrite."""
     device = cache.k[0].device
-    logits = model.forward_cached(torch.tensor([ids], device=device), cache, [row], [0])
-    cache.lengths[row] = len(ids)
-    return logits[0, -1]
+    lengths = [len(ids) for ids in prompts]
+    idx = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        idx[i, :len(ids)] = torch.tensor(ids)
+    logits = model.forward_cached(idx.to(device), cache, rows, [0] * len(rows))
+    for row, n in zip(rows, lengths, strict=True):
+        cache.lengths[row] = n
+    return logits[torch.arange(len(rows), device=device), torch.tensor(lengths, device=device) - 1]
+
+
+def padding_groups(lengths: list[int], waste: float = 0.25, max_tokens: int = 8192) -> list[list[int]]:
+    """Indices of prompts of these lengths, in groups to prefill together: by length, each group
+    padding at most `waste` more tokens than it holds, and at most `max_tokens` tokens padded."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        group = groups[-1] if groups else []
+        padded = lengths[i] * (len(group) + 1)  # sorted: this prompt is the group's longest
+        held = sum(lengths[j] for j in group) + lengths[i]
+        if group and padded <= max_tokens and padded <= (1 + waste) * held:
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def decode_step(model: GPT, cache: KVCache, rows: list[int], tokens: list[int]) -> torch.Tensor:
@@ -173,9 +200,18 @@ def _decode_all_rows(cache: KVCache, rows: list[int], tokens: list[int]) -> torc
 @torch.inference_mode()
 def start(model: GPT, cache: KVCache, seq: Sequence, row: int) -> str:
     """Give `seq` cache row `row`, prefill its prompt and sample its first token."""
-    seq.row = row
-    logits = prefill(model, cache, row, seq.context())
-    return seq.accept(seq.sample(logits.float().cpu()))
+    return start_rows(model, cache, [seq], [row])[0]
+
+
+@torch.inference_mode()
+def start_rows(model: GPT, cache: KVCache, seqs: list[Sequence], rows: list[int]) -> list[str]:
+    """Give each sequence its cache row, prefill the prompts (together, in groups of similar length)
+    and sample each first token; return the text each releases."""
+    for seq, row in zip(seqs, rows, strict=True):
+        seq.row = row
+    logits: list[torch.Tensor | None] = [None] * len(seqs)
+    _prefill_contexts(model, cache, seqs, list(range(len(seqs))), logits)
+    return _accept_all(seqs, logits)
 
 
 @torch.inference_mode()
@@ -185,18 +221,30 @@ def advance(model: GPT, cache: KVCache, seqs: list[Sequence]) -> list[str]:
     if not seqs:
         return []
     logits: list[torch.Tensor | None] = [None] * len(seqs)
-    decoding: list[int] = []  # indices into seqs
-    for i, seq in enumerate(seqs):
-        if seq.slide_window():
-            logits[i] = prefill(model, cache, seq.row, seq.context())
-        else:
-            decoding.append(i)
-    decoding.sort(key=lambda i: seqs[i].row)  # consecutive rows let attention view the cache, not copy it
+    sliding = [i for i, seq in enumerate(seqs) if seq.slide_window()]
+    _prefill_contexts(model, cache, seqs, sliding, logits)
+    # Sorted by row: consecutive rows let attention view the cache, not copy it.
+    decoding = sorted(set(range(len(seqs))) - set(sliding), key=lambda i: seqs[i].row)
     if decoding:
         rows, last_tokens = [seqs[i].row for i in decoding], [seqs[i].tokens[-1] for i in decoding]
-        batch = decode_step(model, cache, rows, last_tokens)
-        for i, row_logits in zip(decoding, batch, strict=True):
+        for i, row_logits in zip(decoding, decode_step(model, cache, rows, last_tokens), strict=True):
             logits[i] = row_logits
+    return _accept_all(seqs, logits)
+
+
+def _prefill_contexts(model: GPT, cache: KVCache, seqs: list[Sequence], indices: list[int],
+                      logits: list[torch.Tensor | None]) -> None:
+    """Prefill the windows of seqs[i] for i in `indices` into their rows, in groups of similar
+    length; put each one's last logits in logits[i]."""
+    for group in padding_groups([len(seqs[i].context()) for i in indices]):
+        members = [indices[g] for g in group]
+        group_logits = prefill_rows(model, cache, [seqs[i].row for i in members],
+                                    [seqs[i].context() for i in members])
+        for i, row_logits in zip(members, group_logits, strict=True):
+            logits[i] = row_logits
+
+
+def _accept_all(seqs: list[Sequence], logits: list[torch.Tensor | None]) -> list[str]:
     host = torch.stack(logits).float().cpu()  # (R, V): one copy to the host for the whole batch
     return [seq.accept(token) for seq, token in zip(seqs, sample_batch(seqs, host), strict=True)]
 

@@ -3,8 +3,8 @@
 Each scheduler iteration
   1. drops waiting requests that were cancelled or waited longer than `queue_timeout_s`,
      and frees the rows of running requests that were cancelled (client gone);
-  2. admits waiting requests into free cache rows: prefill + first token (`gpt.generate.start`),
-     each first character handed out at once;
+  2. admits waiting requests into free cache rows: prefill + first token, the prompts of the
+     admitted requests together (`gpt.generate.start_rows`), their first characters handed out at once;
   3. runs ONE batched decode step for every running row (`gpt.generate.advance`);
   4. frees the rows of requests that finished, at once;
   5. hands each request its new text, in one wake-up of the asyncio loop that submitted it.
@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import torch
 
 from gpt import CharTokenizer, KVCache, SamplingParams, Sequence, load_checkpoint
-from gpt.generate import advance, compile_decode, start
+from gpt.generate import advance, compile_decode, start_rows
 from gpt.model import GPT
 
 logger = logging.getLogger("service.engine")
@@ -340,9 +340,9 @@ class Engine:
                     continue
                 for work in [w for w in self._running if w.handle.cancelled]:
                     self._release(work)  # the client is gone: nobody to tell
-                for work in admitted:
-                    self._start(work)
-                    self._settle([work])  # its first character goes out before the next prefill
+                if admitted:
+                    self._start(admitted)
+                    self._settle(admitted)  # first characters go out before the decode step
                 self._decode_step()
                 self._settle(self._running)
         except BaseException as error:  # a bug here must show in /health, and must not hang clients
@@ -374,24 +374,39 @@ class Engine:
             admitted.append(self._waiting.popleft())
         return admitted
 
-    def _start(self, work: _Work) -> None:
-        """Give an admitted request a row: prefill its prompt and sample its first token."""
-        request = work.request
-        work.admitted_at = time.perf_counter()
-        work.emit(Admitted(work.admitted_at - work.submitted_at))
-        try:
-            work.seq = Sequence(request.prompt_ids, request.max_new_tokens, request.params,
-                                self.tokenizer.decode, self.tokenizer.vocab_size,
-                                self.model.config.block_size, request.stop)
+    def _start(self, works: list[_Work]) -> None:
+        """Give admitted requests rows: prefill their prompts together and sample their first tokens.
+        If the prefill raises, only these requests fail."""
+        starting = []
+        for work in works:
+            request = work.request
+            work.admitted_at = time.perf_counter()
+            work.emit(Admitted(work.admitted_at - work.submitted_at))
+            try:
+                work.seq = Sequence(request.prompt_ids, request.max_new_tokens, request.params,
+                                    self.tokenizer.decode, self.tokenizer.vocab_size,
+                                    self.model.config.block_size, request.stop)
+            except Exception as error:
+                logger.exception("a request could not start")
+                work.emit(Failed("generation", f"generation failed: {type(error).__name__}"))
+                continue
             if work.seq.finish_reason:  # max_new_tokens == 0: nothing to compute
                 work.emit(self._finished(work))
-                return
+                continue
             work.row = self._free_rows.pop()
             self._running.append(work)
-            self._accept(work, start(self.model, self.cache, work.seq, work.row))
+            starting.append(work)
+        if not starting:
+            return
+        try:
+            texts = start_rows(self.model, self.cache, [w.seq for w in starting], [w.row for w in starting])
         except Exception as error:
-            logger.exception("prefill failed")
-            work.emit(Failed("generation", f"generation failed: {type(error).__name__}"))
+            logger.exception("prefill failed for %d requests", len(starting))
+            for work in starting:
+                work.emit(Failed("generation", f"generation failed: {type(error).__name__}"))
+            return
+        for work, text in zip(starting, texts, strict=True):
+            self._accept(work, text)
 
     def _decode_step(self) -> None:
         """One batched decode step over every running row. If it raises, only this batch fails."""
@@ -482,8 +497,7 @@ class Engine:
         prompts = [[0] * (context - 1)] + [[0]] * (self.max_batch_size - 1)
         seqs = [Sequence(prompt, 2, greedy, self.tokenizer.decode, self.tokenizer.vocab_size, context)
                 for prompt in prompts]
-        for row, seq in enumerate(seqs):
-            start(self.model, self.cache, seq, row)
+        start_rows(self.model, self.cache, seqs, list(range(self.max_batch_size)))
         advance(self.model, self.cache, seqs)
         for row in range(self.max_batch_size):
             self.cache.free(row)

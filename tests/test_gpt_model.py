@@ -145,6 +145,39 @@ def test_rows_at_the_same_position_need_no_mask(tiny_model, rows):
                 torch.testing.assert_close(row_logits, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("rows", [[0, 1, 2], [3, 0, 2]])
+def test_prompts_of_different_lengths_prefill_together(tiny_model, rows):
+    """One padded forward for several prompts: each row's last logits, and the decode steps after
+    it, match that row's own full forward (the padding past a short prompt is never attended to)."""
+    from gpt.generate import prefill_rows
+    torch.manual_seed(2)
+    texts = [torch.randint(0, 65, (n,)).tolist() for n in (9, 30, 17)]
+    cache = KVCache(tiny_model.config, max_batch=4)
+    with torch.no_grad():
+        first = prefill_rows(tiny_model, cache, rows, [t[:-2] for t in texts])
+        for row_logits, text in zip(first, texts, strict=True):
+            torch.testing.assert_close(row_logits, full_logits(tiny_model, text[:-2])[-1], atol=1e-5, rtol=0)
+        assert [cache.lengths[r] for r in rows] == [len(t) - 2 for t in texts]
+        for step in (2, 1):
+            batch = decode_step(tiny_model, cache, rows, [t[-step] for t in texts])
+            for row_logits, text in zip(batch, texts, strict=True):
+                expected = full_logits(tiny_model, text[:len(text) - step + 1])[-1]
+                torch.testing.assert_close(row_logits, expected, atol=1e-5, rtol=0)
+
+
+def test_padding_groups_keep_the_waste_bounded():
+    from gpt.generate import padding_groups
+    assert padding_groups([10, 11, 10, 12]) == [[0, 2, 1, 3]]
+    groups = padding_groups([1000, 5, 6, 900, 5])
+    assert sorted(i for g in groups for i in g) == [0, 1, 2, 3, 4]
+    assert [1, 4, 2] in groups and [3, 0] in groups
+    lengths = [3, 50, 7, 64, 1, 20, 22, 19]
+    for group in padding_groups(lengths):
+        padded = max(lengths[i] for i in group) * len(group)
+        assert padded <= 1.25 * sum(lengths[i] for i in group)
+    assert padding_groups([100] * 5, max_tokens=250) == [[0, 1], [2, 3], [4]]
+
+
 def test_cache_is_written_in_place(tiny_model):
     cache = KVCache(tiny_model.config, max_batch=2)
     buffers = [t.data_ptr() for t in cache.k + cache.v]
