@@ -140,12 +140,21 @@ class Linear(nn.Linear):
                 or (torch.is_grad_enabled() and self.weight.requires_grad)):
             return super().forward(x)
         if rows == 1:
-            return blocked_linear(x, self.weight, self.bias, blocks_for(self.out_features))
+            return blocked_linear(x, self.weight, self.bias, blocks_for(self.weight))
         return weight_first_linear(x, self.weight, self.bias)
 
 
-def blocks_for(n_out: int) -> int:
-    """One block of weight rows per intra-op thread, as many as divide n_out evenly."""
+# Splitting a product over threads pays when streaming the weight from memory is the cost; a weight
+# this small sits in cache, where the threads' meeting point at the end costs more than it saves.
+SPLIT_MIN_BYTES = 1 << 20
+
+
+def blocks_for(weight: torch.Tensor) -> int:
+    """One block of weight rows per intra-op thread, as many as divide its rows evenly; one block
+    for a weight under SPLIT_MIN_BYTES."""
+    n_out = weight.size(0)
+    if weight.numel() * weight.element_size() < SPLIT_MIN_BYTES:
+        return 1
     return next(b for b in range(min(torch.get_num_threads(), n_out), 0, -1) if n_out % b == 0)
 
 

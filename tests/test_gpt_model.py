@@ -57,7 +57,8 @@ def test_blocks_divide_the_output_rows():
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(4)
-        assert [blocks_for(n) for n in (2304, 65, 6, 1)] == [4, 1, 3, 1]
+        assert [blocks_for(torch.empty(n, 768)) for n in (2304, 3072, 510, 347)] == [4, 4, 3, 1]
+        assert blocks_for(torch.empty(2304, 16)) == 1  # 144 KiB: stays in cache, one block
     finally:
         torch.set_num_threads(saved)
 
