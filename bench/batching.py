@@ -7,7 +7,7 @@ Hugging Face `generate` at batch 1 and 8 on the same weights.
 Levels:
 - library: `gpt.generate.start` for each row, then timed `advance` steps over one KVCache
   (steady-state decode; prefill not counted); again with the projections on nn.Linear's own
-  route (before gpt.model.Linear's CPU weight-first route), as a before/after;
+  route (before gpt.model.Linear's CPU few-row routes), as a before/after;
 - engine:  `service.engine.Engine`, all requests submitted at once, wall time to the last
   character (prefill, scheduling and delivery included);
 - http:    the real server (`python -m service`), concurrent non-streaming POST /generate.

@@ -298,7 +298,7 @@ def running_server(command: list[str], port: int, ready_path: str = "/ready",
 @contextlib.contextmanager
 def plain_linear() -> Iterator[None]:
     """Send our model's projections through nn.Linear's own forward, i.e. without the CPU
-    weight-first route of gpt.model.Linear: the 'before' row of a before/after comparison."""
+    few-row routes of gpt.model.Linear: the 'before' row of a before/after comparison."""
     saved = gpt_model.Linear.forward
     gpt_model.Linear.forward = torch.nn.Linear.forward
     try:
