@@ -22,6 +22,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -396,17 +397,9 @@ class Engine:
             work.row = self._free_rows.pop()
             self._running.append(work)
             starting.append(work)
-        if not starting:
-            return
-        try:
-            texts = start_rows(self.model, self.cache, [w.seq for w in starting], [w.row for w in starting])
-        except Exception as error:
-            logger.exception("prefill failed for %d requests", len(starting))
-            for work in starting:
-                work.emit(Failed("generation", f"generation failed: {type(error).__name__}"))
-            return
-        for work, text in zip(starting, texts, strict=True):
-            self._accept(work, text)
+        if starting:
+            self._run_model(starting, "prefill", lambda seqs: start_rows(
+                self.model, self.cache, seqs, [w.row for w in starting]))
 
     def _decode_step(self) -> None:
         """One batched decode step over every running row. If it raises, only this batch fails."""
@@ -414,14 +407,20 @@ class Engine:
         if not batch:
             return
         self.decode_steps += 1
+        self._run_model(batch, "decode step", lambda seqs: advance(self.model, self.cache, seqs))
+
+    def _run_model(self, works: list[_Work], what: str,
+                   step: Callable[[list[Sequence]], list[str]]) -> None:
+        """Run `step` over these requests' sequences and hand each its new text. If it raises, only
+        these requests fail."""
         try:
-            texts = advance(self.model, self.cache, [w.seq for w in batch])
+            texts = step([w.seq for w in works])
         except Exception as error:
-            logger.exception("decode step failed for %d rows", len(batch))
-            for work in batch:
+            logger.exception("%s failed for %d rows", what, len(works))
+            for work in works:
                 work.emit(Failed("generation", f"generation failed: {type(error).__name__}"))
             return
-        for work, text in zip(batch, texts, strict=True):
+        for work, text in zip(works, texts, strict=True):
             self._accept(work, text)
 
     def _accept(self, work: _Work, text: str) -> None:
