@@ -45,7 +45,7 @@ class Checkpoint:
     config: dict[str, Any]  # the whole config.json: "model", "vocab", "preset", "training", ...
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -94,7 +94,7 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: CharTokenizer, *, p
             "vocab": tokenizer.chars,
             "num_parameters": model.num_parameters(),
             "weights_dtype": str(next(iter(state.values())).dtype).removeprefix("torch."),
-            "weights_sha256": _sha256(staging / WEIGHTS_FILE),
+            "weights_sha256": sha256_file(staging / WEIGHTS_FILE),
             "training": metadata or {},
         }
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -144,7 +144,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu",
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path}: missing")
-    if _sha256(weights_path) != config.get("weights_sha256"):
+    if sha256_file(weights_path) != config.get("weights_sha256"):
         raise CheckpointError(f"{weights_path}: contents do not match the sha256 in {CONFIG_FILE} "
                               "(truncated, corrupted, or from another checkpoint)")
     try:

@@ -80,9 +80,9 @@ def edit_config(checkpoint: Path, edit: Callable[[dict], None]) -> None:
 
 def rehash(checkpoint: Path) -> None:
     """Record the weights' current sha256, so that only the check after the hash can catch them."""
-    from gpt.checkpoint import _sha256
+    from gpt.checkpoint import sha256_file
 
-    edit_config(checkpoint, lambda c: c.update(weights_sha256=_sha256(checkpoint / "model.safetensors")))
+    edit_config(checkpoint, lambda c: c.update(weights_sha256=sha256_file(checkpoint / "model.safetensors")))
 
 
 BROKEN_CASES = [

