@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -98,39 +98,59 @@ def _token_event(index: int, token_id: int, text: str) -> str:
                       separators=(",", ":"))
 
 
-async def _native_events(service: Service, request: Request, handle: RequestHandle,
-                         prefix: str) -> AsyncIterator[bytes]:
+def _native_events(service: Service, request: Request, handle: RequestHandle,
+                   prefix: str) -> AsyncIterator[bytes]:
     stoi = service.engine.tokenizer.stoi
-    index, pieces, ended = 0, [], False
+    index, pieces = 0, []
+
+    def payloads(text: str, finished: Finished | None) -> list[str]:
+        nonlocal index
+        pieces.append(text)
+        # The last character travels in the final event, with the whole text and the details.
+        chars = text if finished is None else text[:-1]
+        events = [_token_event(index + n, stoi[c], c) for n, c in enumerate(chars)]
+        index += len(chars)
+        if finished is not None:
+            if text:
+                last = schemas.Token(id=stoi[text[-1]], text=text[-1])
+            else:  # the last step released nothing (a stop string ended it): TGI's special token
+                last = schemas.Token(id=finished.last_token_id or 0, text="", special=True)
+            events.append(schemas.StreamResponse(
+                index=index, token=last, generated_text=prefix + "".join(pieces),
+                details=stream_details(finished), usage=schemas.Usage(**usage(finished)),
+                timings=schemas.Timings(**timings(finished))).model_dump_json())
+        return events
+
+    return stream_steps(service, request, handle, payloads, openai=False)
+
+
+async def stream_steps(service: Service, request: Request, handle: RequestHandle,
+                       payloads: Callable[[str, Finished | None], list[str]], *, openai: bool,
+                       trailer: str | None = None) -> AsyncIterator[bytes]:
+    """A request's SSE events, for either API: `payloads(text, finished)` gives the events of each
+    step; a failure after the stream started becomes an error event (in that API's shape); then
+    `trailer`, if any. A client that leaves mid-stream cancels the request, freeing its row."""
+    ended = False
     log_fields(request, stream=True)
     try:
         async for text, finished in service.steps(handle):
-            pieces.append(text)
-            # The last character travels in the final event, with the whole text and the details.
-            chars = text if finished is None else text[:-1]
-            if chars:
-                yield encode_events(_token_event(index + n, stoi[c], c) for n, c in enumerate(chars))
-                index += len(chars)
             if finished is not None:
-                if text:
-                    last = schemas.Token(id=stoi[text[-1]], text=text[-1])
-                else:  # the last step released nothing (a stop string ended it): TGI's special token
-                    last = schemas.Token(id=finished.last_token_id or 0, text="", special=True)
                 ended = True
                 log_fields(request, stream=True, finished=finished)
-                yield encode_events([schemas.StreamResponse(
-                    index=index, token=last, generated_text=prefix + "".join(pieces),
-                    details=stream_details(finished), usage=schemas.Usage(**usage(finished)),
-                    timings=schemas.Timings(**timings(finished))).model_dump_json()])
+            events = payloads(text, finished)
+            if events:
+                yield encode_events(events)
     except APIError as error:
         ended = True
         log_fields(request, stream=True, error_type=error.error_type)
-        yield encode_events([stream_error_payload(error.error_type, error.message, openai=False)])
+        yield encode_events([stream_error_payload(error.error_type, error.message, openai=openai)])
     finally:
         if not ended:  # the client left mid-stream: free its row
             handle.cancel()
             service.metrics.disconnects.inc()
             log_fields(request, stream=True, disconnected=True)
+    if trailer is not None:
+        yield encode_events([trailer])
 
 
 @router.post("/tokenize", response_model=list[schemas.TokenizedCharacter], responses=ERROR_RESPONSES,

@@ -11,10 +11,10 @@ from fastapi.responses import Response
 
 from service import schemas
 from service.engine import Finished, GenerationRequest, RequestHandle
-from service.errors import APIError, stream_error_payload
+from service.errors import APIError
 from service.generation import Sampling, Service, ServiceDep, sampling_params, usage
-from service.native import log_fields
-from service.sse import encode_events, sse_response
+from service.native import log_fields, stream_steps
+from service.sse import sse_response
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
 
@@ -83,8 +83,8 @@ async def create_completion(body: schemas.CompletionRequest, request: Request,
         usage=schemas.Usage(**usage(finished)))
 
 
-async def _chunks(service: Service, request: Request, handle: RequestHandle, completion_id: str,
-                  model: str, include_usage: bool) -> AsyncIterator[bytes]:
+def _chunks(service: Service, request: Request, handle: RequestHandle, completion_id: str,
+            model: str, include_usage: bool) -> AsyncIterator[bytes]:
     created = int(time.time())
 
     def chunk(text: str, finished: Finished | None = None) -> str:
@@ -92,28 +92,14 @@ async def _chunks(service: Service, request: Request, handle: RequestHandle, com
         return schemas.Completion(id=completion_id, created=created, model=model, choices=[
             schemas.CompletionChoice(text=text, finish_reason=reason)]).model_dump_json()
 
-    ended = False
-    log_fields(request, stream=True)
-    try:
-        async for text, finished in service.steps(handle):
-            if finished is None:
-                yield encode_events(chunk(char) for char in text)
-                continue
-            ended = True
-            log_fields(request, stream=True, finished=finished)
-            last = [*(chunk(char) for char in text[:-1]), chunk(text[-1:], finished)]
-            if include_usage:
-                last.append(schemas.Completion(id=completion_id, created=created, model=model, choices=[],
-                                               usage=schemas.Usage(**usage(finished))).model_dump_json())
-            yield encode_events(last)
-    except APIError as error:
-        ended = True
-        log_fields(request, stream=True, error_type=error.error_type)
-        yield encode_events([stream_error_payload(error.error_type, error.message, openai=True)])
-    finally:
-        if not ended:  # the client left mid-stream: free its row
-            handle.cancel()
-            service.metrics.disconnects.inc()
-            log_fields(request, stream=True, disconnected=True)
-    yield encode_events(["[DONE]"])
+    def payloads(text: str, finished: Finished | None) -> list[str]:
+        if finished is None:
+            return [chunk(char) for char in text]
+        last = [*(chunk(char) for char in text[:-1]), chunk(text[-1:], finished)]
+        if include_usage:
+            last.append(schemas.Completion(id=completion_id, created=created, model=model, choices=[],
+                                           usage=schemas.Usage(**usage(finished))).model_dump_json())
+        return last
+
+    return stream_steps(service, request, handle, payloads, openai=True, trailer="[DONE]")
 
