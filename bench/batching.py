@@ -32,13 +32,13 @@ from bench.common import (
     plain_linear,
     plot_lines,
     prompt_of,
+    publish,
     random_checkpoint,
     random_model,
     running_server,
     set_threads,
     spread,
     tokenizer,
-    write_section,
 )
 from bench.convert_hf import to_hf
 from gpt import GPT, PRESETS, CharTokenizer, KVCache, SamplingParams, Sequence, advance, start
@@ -205,16 +205,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{repeats} repeats (median); {machine_line()}.\n"
               "library: steady-state decode steps only; engine and http: wall time from submission to "
               "the last character, prefill included.")
-    print(table.markdown())
-    print()
-    print(ratios.markdown())
-    if not args.no_docs:
-        series = {name: (row_counts, [median(rates[name][r]) for r in row_counts]) for name in levels}
-        series["HF generate"] = ([1, 8], [hf1, hf8])
-        png = plot_lines(args.docs / "batching.png", f"Aggregate decode rate, {args.preset}, CPU", "rows",
-                         "characters / second", series, logx=True)
-        write_section(args.docs, "batching", "Batching (CPU)",
-                      f"{header}\n\n{table.markdown()}\n\n{ratios.markdown()}\n\n![batching]({png.name})")
+    series = {name: (row_counts, [median(rates[name][r]) for r in row_counts]) for name in levels}
+    series["HF generate"] = ([1, 8], [hf1, hf8])
+    publish(args, "batching", "Batching (CPU)", header, [table, ratios], lambda png: plot_lines(
+        png, f"Aggregate decode rate, {args.preset}, CPU", "rows", "characters / second", series, logx=True))
 
 
 if __name__ == "__main__":

@@ -169,6 +169,18 @@ def format_cell(value: object) -> str:
     return str(value)
 
 
+def publish(args: argparse.Namespace, key: str, title: str, header: str, tables: list[Table],
+            plot: Callable[[Path], Path]) -> None:
+    """Print the tables; unless --no-docs, draw `plot` into docs/KEY.png and write the section of
+    docs/benchmarks.md: the header, the tables and the plot."""
+    print("\n\n".join(table.markdown() for table in tables))
+    if args.no_docs:
+        return
+    png = plot(args.docs / f"{key}.png")
+    write_section(args.docs, key, title,
+                  "\n\n".join([header, *(table.markdown() for table in tables), f"![{key}]({png.name})"]))
+
+
 def write_section(docs: Path, key: str, title: str, body: str) -> Path:
     """Replace (or append) the section of docs/benchmarks.md between this script's markers."""
     docs.mkdir(parents=True, exist_ok=True)

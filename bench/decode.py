@@ -28,11 +28,11 @@ from bench.common import (
     plain_linear,
     plot_bars,
     prompt_of,
+    publish,
     random_model,
     set_threads,
     spread,
     tokenizer,
-    write_section,
 )
 from bench.convert_hf import check_same_logits, to_hf
 from gpt import GPT, PRESETS, SamplingParams, generate, generate_reference
@@ -178,16 +178,10 @@ def main(argv: list[str] | None = None) -> None:
               f"({weight_bytes / 1e6:.0f} MB of float32 weights), batch 1, greedy, "
               f"{len(ids)}-character prompt, {repeats} repeats (median); {machine_line()}.\n"
               f"The no-cache loop ran once for {reference_new} characters.")
-    print(table.markdown())
-    print()
-    print(ratios.markdown())
-    if not args.no_docs:
-        png = plot_bars(args.docs / "decode.png", f"Decode at batch 1, {args.preset}, CPU float32",
-                        "characters / second", {**summary,
-                                                "no-cache loop": reference.new_chars / reference.total_s,
-                                                "bandwidth bound": 1 / bound_step_s})
-        write_section(args.docs, "decode", "Decode, batch 1 (CPU)",
-                      f"{header}\n\n{table.markdown()}\n\n{ratios.markdown()}\n\n![decode]({png.name})")
+    bars = {**summary, "no-cache loop": reference.new_chars / reference.total_s,
+            "bandwidth bound": 1 / bound_step_s}
+    publish(args, "decode", "Decode, batch 1 (CPU)", header, [table, ratios], lambda png: plot_bars(
+        png, f"Decode at batch 1, {args.preset}, CPU float32", "characters / second", bars))
 
 
 if __name__ == "__main__":

@@ -29,11 +29,11 @@ from bench.common import (
     median,
     plot_bars,
     prompt_of,
+    publish,
     random_checkpoint,
     random_model,
     set_threads,
     spread,
-    write_section,
 )
 from gpt import GPT, SamplingParams, generate, load_checkpoint
 from gpt import model as gpt_model
@@ -125,12 +125,9 @@ def main(argv: list[str] | None = None) -> None:
 
     header = (f"`{command_line(argv)}`\n\nCheckpoint {path}; batch 1 greedy decode, {new} new characters, "
               f"{repeats} repeats (median); {machine_line()}.")
-    print(table.markdown())
-    if not args.no_docs:
-        png = plot_bars(args.docs / "quantize.png", f"CPU decode, {args.speed_preset} shape, by weight type",
-                        "characters / second", {n: median(v) for n, v in rates["speed"].items()})
-        write_section(args.docs, "quantize", "Cheaper weights for CPU decode",
-                      f"{header}\n\n{table.markdown()}\n\n![quantize]({png.name})")
+    bars = {n: median(v) for n, v in rates["speed"].items()}
+    publish(args, "quantize", "Cheaper weights for CPU decode", header, [table], lambda png: plot_bars(
+        png, f"CPU decode, {args.speed_preset} shape, by weight type", "characters / second", bars))
 
 
 if __name__ == "__main__":

@@ -29,10 +29,10 @@ from bench.common import (
     percentile,
     plot_lines,
     prompt_of,
+    publish,
     random_checkpoint,
     running_server,
     set_threads,
-    write_section,
 )
 
 
@@ -154,16 +154,11 @@ def main(argv: list[str] | None = None) -> None:
               f"prompt, {new} new characters per request, streamed (SSE) over loopback; {machine_line()}.\n"
               "naive = FastAPI + HF `generate` per request under a lock (bench/naive_service.py), "
               "streaming through HF's streamer; ours = `python -m service` (continuous batching).")
-    print(table.markdown())
-    print()
-    print(ratios.markdown())
-    if not args.no_docs:
-        series = {f"{name} requests/s": (levels, [results[(name, c)].requests_per_s for c in levels])
-                  for name in ("ours", "naive")}
-        png = plot_lines(args.docs / "serving.png", "Serving: requests/s vs concurrent clients",
-                         "concurrent clients", "requests / second", series, logx=True)
-        write_section(args.docs, "serving", "Serving vs the naive service (CPU)",
-                      f"{header}\n\n{table.markdown()}\n\n{ratios.markdown()}\n\n![serving]({png.name})")
+    series = {f"{name} requests/s": (levels, [results[(name, c)].requests_per_s for c in levels])
+              for name in ("ours", "naive")}
+    publish(args, "serving", "Serving vs the naive service (CPU)", header, [table, ratios],
+            lambda png: plot_lines(png, "Serving: requests/s vs concurrent clients", "concurrent clients",
+                                   "requests / second", series, logx=True))
 
 
 if __name__ == "__main__":

@@ -26,11 +26,11 @@ from bench.common import (
     machine_line,
     median,
     plot_bars,
+    publish,
     random_model,
     set_threads,
     spread,
     tokenizer,
-    write_section,
 )
 from bench.convert_hf import to_hf
 from gpt import PRESETS
@@ -113,14 +113,8 @@ def main(argv: list[str] | None = None) -> None:
               f"float32, batch {args.batch_size} x {args.block_size} = {tokens} tokens/step, dropout "
               f"{args.dropout}, {steps} timed steps per peer after 1 warm-up, alternating (median); "
               f"{machine_line()}.")
-    print(table.markdown())
-    print()
-    print(ratios.markdown())
-    if not args.no_docs:
-        png = plot_bars(args.docs / "training.png", f"Training tokens/s, {args.preset}, CPU",
-                        "tokens / second", rates)
-        write_section(args.docs, "training", "Training throughput (CPU)",
-                      f"{header}\n\n{table.markdown()}\n\n{ratios.markdown()}\n\n![training]({png.name})")
+    publish(args, "training", "Training throughput (CPU)", header, [table, ratios], lambda png: plot_bars(
+        png, f"Training tokens/s, {args.preset}, CPU", "tokens / second", rates))
 
 
 if __name__ == "__main__":
