@@ -123,12 +123,18 @@ class CacheRows:
 
 
 # Decoding feeds each projection a handful of rows (one per running sequence), where CPU BLAS is at
-# its worst. For one row, MKL runs the matrix-vector product on one thread, which cannot stream the
-# weights from memory as fast as all cores together; for 2..64 rows it computes x @ W^T at a
-# fraction of the speed of the same product taken weight-first, (W @ x^T)^T (see
-# docs/benchmarks.md). Up to this many rows, inference on the CPU takes those two routes;
-# training, long prompts, CUDA and torch.compile keep nn.Linear's.
+# its worst with a weight that must stream from memory. For one row, MKL runs the matrix-vector
+# product on one thread, which cannot stream the weights as fast as all cores together; for 2..64
+# rows it computes x @ W^T at a fraction of the speed of the same product taken weight-first,
+# (W @ x^T)^T (see docs/benchmarks.md). Up to this many rows, inference on the CPU takes those two
+# routes for weights of STREAMED_BYTES and more; training, long prompts, CUDA, torch.compile and
+# weights that sit in cache keep nn.Linear's.
 FEW_ROWS = 64
+
+# A weight this small sits in cache: streaming it is not the cost, and nn.Linear's own route is
+# the fastest (the weight-first product is 2-3x slower at 8 rows of the `small` model's weights;
+# a split across threads costs more at their meeting point than it saves).
+STREAMED_BYTES = 1 << 20
 
 
 class Linear(nn.Linear):
@@ -137,24 +143,17 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if (rows > FEW_ROWS or x.device.type != "cpu" or torch.compiler.is_compiling()
-                or (torch.is_grad_enabled() and self.weight.requires_grad)):
+                or (torch.is_grad_enabled() and self.weight.requires_grad)
+                or self.weight.numel() * self.weight.element_size() < STREAMED_BYTES):
             return super().forward(x)
         if rows == 1:
             return blocked_linear(x, self.weight, self.bias, blocks_for(self.weight))
         return weight_first_linear(x, self.weight, self.bias)
 
 
-# Splitting a product over threads pays when streaming the weight from memory is the cost; a weight
-# this small sits in cache, where the threads' meeting point at the end costs more than it saves.
-SPLIT_MIN_BYTES = 1 << 20
-
-
 def blocks_for(weight: torch.Tensor) -> int:
-    """One block of weight rows per intra-op thread, as many as divide its rows evenly; one block
-    for a weight under SPLIT_MIN_BYTES."""
+    """One block of weight rows per intra-op thread, as many as divide its rows evenly."""
     n_out = weight.size(0)
-    if weight.numel() * weight.element_size() < SPLIT_MIN_BYTES:
-        return 1
     return next(b for b in range(min(torch.get_num_threads(), n_out), 0, -1) if n_out % b == 0)
 
 
