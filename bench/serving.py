@@ -5,8 +5,12 @@ at a time, bench/naive_service.py), same weights, same load, over loopback HTTP.
     .venv/bin/python -m bench.serving --quick    # 1, 8 clients, 32 new characters (< 2 minutes)
 
 Both servers stream TGI's SSE framing from POST /generate_stream; one client measures both: time to
-first character (request sent -> first token event), request latency, and requests/s. The loads
-alternate between the two servers (both stay up, the idle one costs nothing), level by level.
+first character (request sent -> first token event), request latency, requests/s and characters/s.
+The loads alternate between the two servers (both stay up, the idle one costs nothing), level by
+level, and the whole round is repeated (`--repeats`): rates are medians over the rounds, time to
+first character and latency percentiles over every request. `ours N / 1` is our aggregate
+characters/s at N streams over our one-stream figure of the same round (median over rounds): what
+batching pays.
 Weights: the shipped checkpoint (checkpoints/caesar-small) when present, else a random `small`.
 """
 
@@ -26,6 +30,7 @@ from bench.common import (
     command_line,
     free_port,
     machine_line,
+    median,
     percentile,
     plot_lines,
     prompt_of,
@@ -33,6 +38,7 @@ from bench.common import (
     random_checkpoint,
     running_server,
     set_threads,
+    spread,
 )
 
 
@@ -56,8 +62,15 @@ class LoadResult:
     def chars_per_s(self) -> float:
         return sum(r.chars for r in self.requests) / self.wall_s
 
-    def first_char(self, q: float) -> float:
-        return percentile([r.first_char_s for r in self.requests], q)
+
+
+def pooled(rounds: list[LoadResult]) -> LoadResult:
+    """Every request of these rounds, as one result (for percentiles)."""
+    return LoadResult([r for result in rounds for r in result.requests], sum(r.wall_s for r in rounds))
+
+
+def first_char(result: LoadResult, q: float) -> float:
+    return percentile([r.first_char_s for r in result.requests], q)
 
 
 async def one_request(client: object, prompt: str, new: int) -> Request:
@@ -104,7 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, help="requests per level, at least one per client "
                         "(default max(2 x clients, 8); --quick max(clients, 4))")
     parser.add_argument("--prompt-length", type=int, default=64)
+    parser.add_argument("--repeats", type=int, help="rounds over every level (default 3, --quick 1)")
     args = parser.parse_args(argv)
+    repeats = args.repeats or (1 if args.quick else 3)
     set_threads(args.threads)
     levels = args.clients or ([1, 8] if args.quick else [1, 8, 32])
     new = args.new or (32 if args.quick else 128)
@@ -124,37 +139,51 @@ def main(argv: list[str] | None = None) -> None:
                 "--max-queue", "256", "--log-level", "warning"]
     naive_cmd = [sys.executable, "-m", "bench.naive_service", "--checkpoint", str(checkpoint),
                  "--port", str(naive_port), "--threads", threads]
-    results: dict[tuple[str, int], LoadResult] = {}
+    rounds: dict[tuple[str, int], list[LoadResult]] = {}
     with running_server(ours_cmd, ours_port) as ours, running_server(naive_cmd, naive_port) as naive:
         servers = {"ours": ours, "naive": naive}
         for base in servers.values():  # warm-up
             run_load(base, 1, 1, prompt, 8)
-        for clients in levels:
-            total = args.requests or (max(clients, 4) if args.quick else max(2 * clients, 8))
-            per_client = max(1, -(-total // clients))
-            for name, base in servers.items():
-                results[(name, clients)] = result = run_load(base, clients, per_client, prompt, new)
-                print(f"{name:5s} {clients:3d} clients: {len(result.requests)} requests in "
-                      f"{result.wall_s:.1f} s", flush=True)
+        for round_ in range(repeats):
+            for clients in levels:
+                total = args.requests or (max(clients, 4) if args.quick else max(2 * clients, 8))
+                per_client = max(1, -(-total // clients))
+                for name, base in servers.items():
+                    result = run_load(base, clients, per_client, prompt, new)
+                    rounds.setdefault((name, clients), []).append(result)
+                    print(f"round {round_ + 1}/{repeats}: {name:5s} {clients:3d} clients: "
+                          f"{len(result.requests)} requests in {result.wall_s:.1f} s, "
+                          f"{result.chars_per_s:,.0f} chars/s", flush=True)
 
-    table = Table(["service", "clients", "requests", "requests/s", "chars/s", "first char p50 ms",
-                   "first char p99 ms", "latency p50 s"])
-    for (name, clients), r in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0] != "ours")):
-        table.add(name, clients, len(r.requests), r.requests_per_s, r.chars_per_s, r.first_char(0.5) * 1e3,
-                  r.first_char(0.99) * 1e3, percentile([q.total_s for q in r.requests], 0.5))
+    def rate(name: str, clients: int, what: str) -> float:
+        return median([getattr(r, what) for r in rounds[(name, clients)]])
+
+    table = Table(["service", "clients", "requests", "requests/s", "chars/s", "chars/s spread",
+                   "first char p50 ms", "first char p99 ms", "latency p50 s"])
+    for (name, clients), results in sorted(rounds.items(), key=lambda kv: (kv[0][1], kv[0][0] != "ours")):
+        every = pooled(results)
+        table.add(name, clients, len(every.requests), rate(name, clients, "requests_per_s"),
+                  rate(name, clients, "chars_per_s"), spread([r.chars_per_s for r in results]),
+                  first_char(every, 0.5) * 1e3, first_char(every, 0.99) * 1e3,
+                  percentile([q.total_s for q in every.requests], 0.5))
     ratios = Table(["clients", "throughput ours / naive", "first char p99 naive / ours",
-                    "first char p50 naive / ours"])
+                    "first char p50 naive / ours", "ours N / 1 (chars/s)"])
     for clients in levels:
-        ours, naive = results[("ours", clients)], results[("naive", clients)]
-        ratios.add(clients, f"{ours.requests_per_s / naive.requests_per_s:.1f}x",
-                   f"{naive.first_char(0.99) / ours.first_char(0.99):.1f}x",
-                   f"{naive.first_char(0.5) / ours.first_char(0.5):.1f}x")
+        ours, naive = pooled(rounds[("ours", clients)]), pooled(rounds[("naive", clients)])
+        throughput = rate("ours", clients, "requests_per_s") / rate("naive", clients, "requests_per_s")
+        scaling = "-"
+        if 1 in levels:  # each round's N streams over the same round's one stream
+            pairs = zip(rounds[("ours", clients)], rounds[("ours", 1)], strict=True)
+            scaling = f"{median([n.chars_per_s / one.chars_per_s for n, one in pairs]):.2f}x"
+        ratios.add(clients, f"{throughput:.1f}x", f"{first_char(naive, 0.99) / first_char(ours, 0.99):.1f}x",
+                   f"{first_char(naive, 0.5) / first_char(ours, 0.5):.1f}x", scaling)
 
     header = (f"`{command_line(argv)}`\n\nWeights: {which}. CPU float32, greedy, {len(prompt)}-character "
-              f"prompt, {new} new characters per request, streamed (SSE) over loopback; {machine_line()}.\n"
+              f"prompt, {new} new characters per request, streamed (SSE) over loopback, {repeats} rounds; "
+              f"{machine_line()}.\n"
               "naive = FastAPI + HF `generate` per request under a lock (bench/naive_service.py), "
               "streaming through HF's streamer; ours = `python -m service` (continuous batching).")
-    series = {f"{name} requests/s": (levels, [results[(name, c)].requests_per_s for c in levels])
+    series = {f"{name} requests/s": (levels, [rate(name, c, "requests_per_s") for c in levels])
               for name in ("ours", "naive")}
     publish(args, "serving", "Serving vs the naive service (CPU)", header, [table, ratios],
             lambda png: plot_lines(png, "Serving: requests/s vs concurrent clients", "concurrent clients",

@@ -80,7 +80,8 @@ def test_training_quick(tmp_path: Path, capsys):
 def test_serving_quick(tmp_path: Path, capsys, tiny_checkpoint: Path):
     serving.main(["--quick", "--checkpoint", str(tiny_checkpoint), "--threads", "1", "--clients", "1", "2",
                   "--requests", "2", "--new", "8", "--prompt-length", "16", "--docs", str(tmp_path)])
-    check_output(capsys.readouterr().out, tmp_path, "serving", "| naive", "| ours", "throughput ours / naive")
+    check_output(capsys.readouterr().out, tmp_path, "serving", "| naive", "| ours", "throughput ours / naive",
+                 "ours N / 1 (chars/s)")
 
 
 @pytest.mark.slow
