@@ -34,10 +34,11 @@ CORPUS_CANDIDATES = [REPO.parent / "shared" / "data" / "julius_caesar.txt",
                      REPO / "data" / "julius_caesar.txt"]
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+def base_parser(description: str, threads: int | None = 2,
+                threads_help: str = "torch intra-op threads (default 2)") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes: under 2 minutes")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--threads", type=int, default=threads, help=threads_help)
     parser.add_argument("--docs", type=Path, default=DOCS,
                         help="folder of benchmarks.md and the PNGs (default docs/)")
     parser.add_argument("--no-docs", action="store_true", help="print only; write nothing")

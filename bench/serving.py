@@ -37,7 +37,6 @@ from bench.common import (
     publish,
     random_checkpoint,
     running_server,
-    set_threads,
     spread,
 )
 
@@ -110,7 +109,9 @@ def run_load(base: str, clients: int, requests_per_client: int, prompt: str, new
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = base_parser(__doc__.splitlines()[0])
+    parser = base_parser(__doc__.splitlines()[0], threads=None, threads_help=(
+        "torch threads of both servers (default: each server's own: ours leaves one CPU to its HTTP "
+        "process, the naive one takes two)"))
     parser.add_argument("--checkpoint", type=Path, help="default: the shipped one, else a random small")
     parser.add_argument("--clients", type=int, nargs="+", help="concurrent clients (default 1 8 32)")
     parser.add_argument("--new", type=int, help="new characters per request (default 128, --quick 32)")
@@ -120,7 +121,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, help="rounds over every level (default 3, --quick 1)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
-    set_threads(args.threads)
     levels = args.clients or ([1, 8] if args.quick else [1, 8, 32])
     new = args.new or (32 if args.quick else 128)
     if args.checkpoint:
@@ -133,12 +133,12 @@ def main(argv: list[str] | None = None) -> None:
     prompt = prompt_of(args.prompt_length)
 
     ours_port, naive_port = free_port(), free_port()
-    threads = str(args.threads)
+    threads = ["--threads", str(args.threads)] if args.threads else []
     ours_cmd = [sys.executable, "-m", "service", "--checkpoint", str(checkpoint), "--port", str(ours_port),
-                "--threads", threads, "--device", "cpu", "--max-batch-size", str(max(32, *levels)),
+                *threads, "--device", "cpu", "--max-batch-size", str(max(32, *levels)),
                 "--max-queue", "256", "--log-level", "warning"]
     naive_cmd = [sys.executable, "-m", "bench.naive_service", "--checkpoint", str(checkpoint),
-                 "--port", str(naive_port), "--threads", threads]
+                 "--port", str(naive_port), *threads]
     rounds: dict[tuple[str, int], list[LoadResult]] = {}
     with running_server(ours_cmd, ours_port) as ours, running_server(naive_cmd, naive_port) as naive:
         servers = {"ours": ours, "naive": naive}
@@ -182,7 +182,10 @@ def main(argv: list[str] | None = None) -> None:
               f"prompt, {new} new characters per request, streamed (SSE) over loopback, {repeats} rounds; "
               f"{machine_line()}.\n"
               "naive = FastAPI + HF `generate` per request under a lock (bench/naive_service.py), "
-              "streaming through HF's streamer; ours = `python -m service` (continuous batching).")
+              "streaming through HF's streamer; ours = `python -m service` (continuous batching, the model "
+              "in a process of its own). Torch threads: "
+              + (f"{args.threads} each." if args.threads else
+                 "each server's default (naive 2; ours CPUs - 1, one CPU left to its HTTP process)."))
     series = {f"{name} requests/s": (levels, [rate(name, c, "requests_per_s") for c in levels])
               for name in ("ours", "naive")}
     publish(args, "serving", "Serving vs the naive service (CPU)", header, [table, ratios],

@@ -26,7 +26,8 @@ from sse_starlette.sse import AppStatus
 
 from gpt import CheckpointError
 from service.app import create_app
-from service.engine import Engine
+from service.engine import Engine, EngineLike
+from service.engine_process import EngineProcess, EngineProcessError
 from service.settings import DEFAULT_CHECKPOINT, Settings
 
 logger = logging.getLogger("service")
@@ -66,7 +67,7 @@ class DrainingServer(uvicorn.Server):
     """uvicorn, except that the first signal drains the engine while the socket stays open (so that
     new requests get a 503 rather than a refused connection), and only then shuts uvicorn down."""
 
-    def __init__(self, config: uvicorn.Config, engine: Engine, drain_timeout_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, engine: EngineLike, drain_timeout_s: float) -> None:
         super().__init__(config)
         self.engine = engine
         self.drain_timeout_s = drain_timeout_s
@@ -107,13 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"error: invalid settings: {error}")
     configure_logging(settings.log_level)
     try:
-        engine = Engine.from_settings(settings)
+        engine = EngineProcess(settings) if settings.engine_process else Engine.from_settings(settings)
     except CheckpointError as error:
         hint = ""
         if settings.checkpoint == DEFAULT_CHECKPOINT and not DEFAULT_CHECKPOINT.exists():
             hint = " (make it with `python -m training --preset small --out checkpoints/caesar-small`)"
         sys.exit(f"error: cannot serve this checkpoint: {error}{hint}")
-    except RuntimeError as error:  # e.g. --device cuda without CUDA
+    except (RuntimeError, EngineProcessError) as error:  # e.g. --device cuda without CUDA
         sys.exit(f"error: {error}")
     app = create_app(settings, engine)
     logger.info("starting: %s", json.dumps({"settings": settings.public_dict(),

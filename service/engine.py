@@ -88,6 +88,12 @@ class Failed:
 Event = Admitted | TextChunk | Finished | Failed
 
 
+class Cancellable(Protocol):
+    """What the scheduler needs of a request's handle: whether its client has gone."""
+
+    cancelled: bool
+
+
 class RequestHandle:
     """The HTTP side's end of one request: its events in order, and a way to cancel it.
 
@@ -150,7 +156,7 @@ class _Work:
     """One request inside the engine."""
 
     request: GenerationRequest
-    handle: RequestHandle
+    handle: Cancellable
     submitted_at: float
     seq: Sequence | None = None
     row: int | None = None
@@ -179,11 +185,19 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+Deliveries = list[tuple[Any, list[Event]]]  # (a request's handle, its new events), for many requests
+
+
 class Engine:
+    """The scheduler. By default it hands events to the asyncio loops that submitted the requests;
+    `on_events`, when given, receives every iteration's deliveries instead (possibly none), on the
+    scheduler thread: service/engine_process.py forwards them to another process."""
+
     def __init__(self, model: GPT, tokenizer: CharTokenizer, *, max_batch_size: int = 32,
                  max_queue: int = 64, queue_timeout_s: float = 30.0,
                  checkpoint_config: dict[str, Any] | None = None, checkpoint_path: Path | None = None,
-                 warmup: bool = True, compile: bool = False) -> None:
+                 warmup: bool = True, compile: bool = False,
+                 on_events: Callable[[Deliveries], None] | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -192,6 +206,7 @@ class Engine:
         self.checkpoint_config = checkpoint_config or {}
         self.checkpoint_path = checkpoint_path
         self.warmup = warmup
+        self.on_events = on_events or to_event_loops
         weights = next(model.parameters())
         self.device, self.dtype = weights.device, weights.dtype
         # The whole KV memory is allocated here, once: load never grows it.
@@ -217,7 +232,7 @@ class Engine:
         self._thread_error: BaseException | None = None
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Engine:
+    def from_settings(cls, settings: Any, **options: Any) -> Engine:
         """Load the checkpoint that `settings` (a service.settings.Settings) names. Raises
         gpt.CheckpointError for a bad checkpoint."""
         if settings.threads:
@@ -225,10 +240,10 @@ class Engine:
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         checkpoint = load_checkpoint(settings.checkpoint, device=device, dtype=dtype)
-        return cls(checkpoint.model, checkpoint.tokenizer, max_batch_size=settings.max_batch_size,
-                   max_queue=settings.max_queue, queue_timeout_s=settings.queue_timeout_s,
-                   checkpoint_config=checkpoint.config, checkpoint_path=Path(settings.checkpoint),
-                   compile=settings.compile)
+        options = {"max_batch_size": settings.max_batch_size, "max_queue": settings.max_queue,
+                   "queue_timeout_s": settings.queue_timeout_s, "compile": settings.compile, **options}
+        return cls(checkpoint.model, checkpoint.tokenizer, checkpoint_config=checkpoint.config,
+                   checkpoint_path=Path(settings.checkpoint), **options)
 
     # -- State, readable from any thread --
 
@@ -265,6 +280,7 @@ class Engine:
             "vocab_size": self.tokenizer.vocab_size,
             "vocab": self.tokenizer.chars,
             "device": str(self.device),
+            "cpu_threads": torch.get_num_threads(),
             "dtype": str(self.dtype).removeprefix("torch."),
             "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
             "weights_sha256": self.checkpoint_config.get("weights_sha256"),
@@ -280,15 +296,16 @@ class Engine:
             self._thread = threading.Thread(target=self._run, name="caesar-scheduler", daemon=True)
             self._thread.start()
 
-    def submit(self, request: GenerationRequest) -> RequestHandle:
-        """Queue a request (call on the event loop). Raises EngineUnavailable or QueueFull at once."""
+    def submit(self, request: GenerationRequest, handle: Cancellable | None = None) -> Any:
+        """Queue a request; return its handle (by default a RequestHandle on the calling event
+        loop). Raises EngineUnavailable or QueueFull at once."""
         if self._draining:
             raise EngineUnavailable("draining")
         if not self.alive:
             raise EngineUnavailable("unhealthy")
         if not self._ready:
             raise EngineUnavailable("loading")
-        work = _Work(request, RequestHandle(), time.perf_counter())
+        work = _Work(request, handle or RequestHandle(), time.perf_counter())
         with self._lock:
             if self._in_flight >= self.max_batch_size + self.max_queue:
                 raise QueueFull()
@@ -301,17 +318,13 @@ class Engine:
         """Refuse new requests; let those in flight finish for up to `timeout_s`, then fail the rest
         with a `shutdown` error so their clients hear why."""
         self._draining = True
-        deadline = time.monotonic() + timeout_s
-        while self._in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self._in_flight:
-            logger.warning("drain: %d requests still running after %.1f s; ending them",
-                           self._in_flight, timeout_s)
-            with self._lock:
-                self._abort = Failed("shutdown", "the server shut down before this request finished")
-                self._lock.notify()
-            while self._in_flight and self.alive:
-                await asyncio.sleep(0.02)
+        await drain_in_flight(lambda: self._in_flight, self.abort, lambda: self.alive, timeout_s)
+
+    def abort(self, failure: Failed) -> None:
+        """End every request in flight with `failure`, at the scheduler's next iteration."""
+        with self._lock:
+            self._abort = failure
+            self._lock.notify()
 
     def shutdown(self) -> None:
         with self._lock:
@@ -351,9 +364,8 @@ class Engine:
             self._thread_error = error
             with self._lock:
                 orphans = list(self._waiting) + self._running
-            for work in orphans:
-                _call_soon(work.handle.loop, _put_events,
-                           [(work.handle, [Failed("generation", "the generation engine stopped")])])
+            self.on_events([(work.handle, [Failed("generation", "the generation engine stopped")])
+                            for work in orphans])
             raise
 
     def _take_admissions(self) -> list[_Work]:
@@ -368,7 +380,7 @@ class Engine:
                 self._waiting.remove(work)
                 self._in_flight -= 1
                 message = f"no free row within {self.queue_timeout_s:g} s; try again later"
-                _call_soon(work.handle.loop, _put_events, [(work.handle, [Failed("queue_timeout", message)])])
+                self.on_events([(work.handle, [Failed("queue_timeout", message)])])
         free = len(self._free_rows) + sum(1 for w in self._running if w.handle.cancelled)
         admitted = []
         while self._waiting and len(admitted) < free:
@@ -478,14 +490,13 @@ class Engine:
         self._settle(everyone)
 
     def _deliver(self, works: SequenceOf[_Work]) -> None:
-        """Hand every request its events of this iteration: one wake-up per event loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, list[Event]]]] = {}
+        """Hand every request its events of this iteration, all in one call of `on_events`."""
+        deliveries = []
         for work in works:
             if work.outbox:
-                by_loop.setdefault(work.handle.loop, []).append((work.handle, work.outbox))
+                deliveries.append((work.handle, work.outbox))
                 work.outbox = []
-        for loop, items in by_loop.items():
-            _call_soon(loop, _put_events, items)
+        self.on_events(deliveries)
 
     def _warm_up(self) -> None:
         """Run the largest shapes the engine will see before serving: a prefill of a whole context
@@ -506,14 +517,34 @@ class Engine:
                     time.perf_counter() - started)
 
 
-def _put_events(items: list[tuple[RequestHandle, list[Event]]]) -> None:
-    for handle, events in items:
+async def drain_in_flight(in_flight: Callable[[], int], abort: Callable[[Failed], None],
+                          alive: Callable[[], bool], timeout_s: float) -> None:
+    """Let the requests in flight finish for up to `timeout_s`, then end the rest with a `shutdown`
+    failure (so their clients hear why) and wait until they have heard it."""
+    deadline = time.monotonic() + timeout_s
+    while in_flight() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if in_flight():
+        logger.warning("drain: %d requests still running after %.1f s; ending them", in_flight(), timeout_s)
+        abort(Failed("shutdown", "the server shut down before this request finished"))
+        while in_flight() and alive():
+            await asyncio.sleep(0.02)
+
+
+def to_event_loops(deliveries: Deliveries) -> None:
+    """Hand RequestHandles their events: one wake-up per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, Deliveries] = {}
+    for handle, events in deliveries:
+        by_loop.setdefault(handle.loop, []).append((handle, events))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_events, items)
+        except RuntimeError:  # the loop closed: nobody is listening any more
+            pass
+
+
+def _put_events(deliveries: Deliveries) -> None:
+    """On the handles' event loop: queue each handle's events."""
+    for handle, events in deliveries:
         for event in events:
             handle.events.put_nowait(event)
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> None:
-    try:
-        loop.call_soon_threadsafe(callback, *args)
-    except RuntimeError:  # the loop closed: nobody is listening any more
-        pass

@@ -27,7 +27,12 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on cuda, float32 on cpu")
     compile: bool = Field(False, description="compile the decode step into CUDA graphs (CUDA only)")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    threads: int | None = Field(
+        None, ge=1, description="the engine's torch CPU threads (default: with --engine-process, one "
+        "less than the CPUs, leaving one to the HTTP server; else torch's choice)")
+    engine_process: bool = Field(
+        True, description="run the model in a process of its own, so that its Python work and the HTTP "
+        "server's do not take turns holding one GIL")
     max_batch_size: int = Field(32, ge=1, description="KV-cache rows: requests decoded together")
     max_queue: int = Field(64, ge=0, description="requests that may wait for a row; past it, 429")
     queue_timeout_s: float = Field(30.0, gt=0, description="longest wait for a row; past it, 503")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 from httpx_sse import connect_sse
 from huggingface_hub import InferenceClient
@@ -181,6 +182,41 @@ def test_sigterm_drains_then_exits_zero(tiny_checkpoint: Path) -> None:
         assert short_events[-1]["details"]["finish_reason"] == "length"  # finished within the grace period
         assert long_events[-1]["error_type"] == "unavailable"  # ended when the grace period ran out
         assert server.process.wait(timeout=15) == 0
+
+
+def engine_processes(server: ServerProcess) -> list[psutil.Process]:
+    """The server's children that run an engine (multiprocessing may add its resource tracker)."""
+    return [child for child in psutil.Process(server.process.pid).children()
+            if "spawn_main" in " ".join(child.cmdline())]
+
+
+def test_the_engine_process_dying_is_reported_not_hung_on(tiny_checkpoint: Path) -> None:
+    """The model runs in a child process (the default); if it dies, running streams end with an
+    error event, /health and /ready turn 503, new requests get 503, and the server still stops
+    cleanly."""
+    with running_server(tiny_checkpoint, "--max-new-tokens", str(LONG)) as server, \
+            httpx.Client(base_url=server.base_url, timeout=30) as client:
+        (engine,) = engine_processes(server)
+        assert client.get("/info").json()["model"]["cpu_threads"] == 1  # CAESAR_THREADS=1 reached it
+        with client.stream("POST", "/generate_stream",
+                           json={"inputs": "a", "parameters": {"max_new_tokens": LONG}}) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data:")
+            engine.kill()
+            events = [json.loads(data) for data in sse_data(lines)]
+        assert events[-1] == {"error": "the generation engine stopped", "error_type": "generation"}
+        assert client.get("/health").status_code == 503
+        assert client.get("/ready").status_code == 503
+        refused = client.post("/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 3}})
+        assert refused.status_code == 503 and refused.json()["error_type"] == "unavailable"
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=15) == 0
+
+
+def test_without_an_engine_process_the_model_runs_in_the_server(tiny_checkpoint: Path) -> None:
+    with running_server(tiny_checkpoint, "--no-engine-process") as server:
+        assert engine_processes(server) == []
+        assert len(native_text(server, "CAESAR:", max_new_tokens=12, temperature=0)) == 12
 
 
 def test_a_bad_checkpoint_is_one_clear_error(tmp_path: Path) -> None:
