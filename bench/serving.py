@@ -40,6 +40,8 @@ from bench.common import (
     spread,
 )
 
+ONE_PROCESS = "ours, one process"
+
 
 @dataclass
 class Request:
@@ -132,16 +134,21 @@ def main(argv: list[str] | None = None) -> None:
         which = "a random-weight `small` checkpoint (none shipped yet)"
     prompt = prompt_of(args.prompt_length)
 
-    ours_port, naive_port = free_port(), free_port()
     threads = ["--threads", str(args.threads)] if args.threads else []
-    ours_cmd = [sys.executable, "-m", "service", "--checkpoint", str(checkpoint), "--port", str(ours_port),
-                *threads, "--device", "cpu", "--max-batch-size", str(max(32, *levels)),
-                "--max-queue", "256", "--log-level", "warning"]
+
+    def ours_cmd(port: int, *options: str) -> list[str]:
+        return [sys.executable, "-m", "service", "--checkpoint", str(checkpoint), "--port", str(port),
+                *threads, "--device", "cpu", "--max-batch-size", str(max(32, *levels)), "--max-queue", "256",
+                "--log-level", "warning", *options]
+
+    ports = [free_port() for _ in range(3)]
     naive_cmd = [sys.executable, "-m", "bench.naive_service", "--checkpoint", str(checkpoint),
-                 "--port", str(naive_port), *threads]
+                 "--port", str(ports[2]), *threads]
     rounds: dict[tuple[str, int], list[LoadResult]] = {}
-    with running_server(ours_cmd, ours_port) as ours, running_server(naive_cmd, naive_port) as naive:
-        servers = {"ours": ours, "naive": naive}
+    with running_server(ours_cmd(ports[0]), ports[0]) as ours, \
+            running_server(ours_cmd(ports[1], "--no-engine-process"), ports[1]) as one_process, \
+            running_server(naive_cmd, ports[2]) as naive:
+        servers = {"ours": ours, ONE_PROCESS: one_process, "naive": naive}
         for base in servers.values():  # warm-up
             run_load(base, 1, 1, prompt, 8)
         for round_ in range(repeats):
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
                 for name, base in servers.items():
                     result = run_load(base, clients, per_client, prompt, new)
                     rounds.setdefault((name, clients), []).append(result)
-                    print(f"round {round_ + 1}/{repeats}: {name:5s} {clients:3d} clients: "
+                    print(f"round {round_ + 1}/{repeats}: {name:17s} {clients:3d} clients: "
                           f"{len(result.requests)} requests in {result.wall_s:.1f} s, "
                           f"{result.chars_per_s:,.0f} chars/s", flush=True)
 
@@ -160,14 +167,15 @@ def main(argv: list[str] | None = None) -> None:
 
     table = Table(["service", "clients", "requests", "requests/s", "chars/s", "chars/s spread",
                    "first char p50 ms", "first char p99 ms", "latency p50 s"])
-    for (name, clients), results in sorted(rounds.items(), key=lambda kv: (kv[0][1], kv[0][0] != "ours")):
+    order = list(servers)
+    for (name, clients), results in sorted(rounds.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))):
         every = pooled(results)
         table.add(name, clients, len(every.requests), rate(name, clients, "requests_per_s"),
                   rate(name, clients, "chars_per_s"), spread([r.chars_per_s for r in results]),
                   first_char(every, 0.5) * 1e3, first_char(every, 0.99) * 1e3,
                   percentile([q.total_s for q in every.requests], 0.5))
     ratios = Table(["clients", "throughput ours / naive", "first char p99 naive / ours",
-                    "first char p50 naive / ours", "ours N / 1 (chars/s)"])
+                    "first char p50 naive / ours", "ours N / 1 (chars/s)", "ours / one process (chars/s)"])
     for clients in levels:
         ours, naive = pooled(rounds[("ours", clients)]), pooled(rounds[("naive", clients)])
         throughput = rate("ours", clients, "requests_per_s") / rate("naive", clients, "requests_per_s")
@@ -175,19 +183,22 @@ def main(argv: list[str] | None = None) -> None:
         if 1 in levels:  # each round's N streams over the same round's one stream
             pairs = zip(rounds[("ours", clients)], rounds[("ours", 1)], strict=True)
             scaling = f"{median([n.chars_per_s / one.chars_per_s for n, one in pairs]):.2f}x"
+        split = rate("ours", clients, "chars_per_s") / rate(ONE_PROCESS, clients, "chars_per_s")
         ratios.add(clients, f"{throughput:.1f}x", f"{first_char(naive, 0.99) / first_char(ours, 0.99):.1f}x",
-                   f"{first_char(naive, 0.5) / first_char(ours, 0.5):.1f}x", scaling)
+                   f"{first_char(naive, 0.5) / first_char(ours, 0.5):.1f}x", scaling, f"{split:.2f}x")
 
     header = (f"`{command_line(argv)}`\n\nWeights: {which}. CPU float32, greedy, {len(prompt)}-character "
               f"prompt, {new} new characters per request, streamed (SSE) over loopback, {repeats} rounds; "
               f"{machine_line()}.\n"
               "naive = FastAPI + HF `generate` per request under a lock (bench/naive_service.py), "
               "streaming through HF's streamer; ours = `python -m service` (continuous batching, the model "
-              "in a process of its own). Torch threads: "
+              "in a process of its own); ours, one process = the same with `--no-engine-process`, as before "
+              "the split. Torch threads: "
               + (f"{args.threads} each." if args.threads else
-                 "each server's default (naive 2; ours CPUs - 1, one CPU left to its HTTP process)."))
+                 "each server's default (naive and one process 2; ours CPUs - 1, one CPU left to its HTTP "
+                 "process)."))
     series = {f"{name} requests/s": (levels, [rate(name, c, "requests_per_s") for c in levels])
-              for name in ("ours", "naive")}
+              for name in servers}
     publish(args, "serving", "Serving vs the naive service (CPU)", header, [table, ratios],
             lambda png: plot_lines(png, "Serving: requests/s vs concurrent clients", "concurrent clients",
                                    "requests / second", series, logx=True))
