@@ -188,7 +188,35 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 Deliveries = list[tuple[Any, list[Event]]]  # (a request's handle, its new events), for many requests
 
 
-class Engine:
+class Admission:
+    """Readiness and draining, as every engine reports them, and the refusals they imply."""
+
+    _ready = False
+    _draining = False
+
+    @property
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self._draining and self.alive
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def check_accepting(self) -> None:
+        """Raise EngineUnavailable unless a new request may be queued now."""
+        if self._draining:
+            raise EngineUnavailable("draining")
+        if not self.alive:
+            raise EngineUnavailable("unhealthy")
+        if not self._ready:
+            raise EngineUnavailable("loading")
+
+
+class Engine(Admission):
     """The scheduler. By default it hands events to the asyncio loops that submitted the requests;
     `on_events`, when given, receives every iteration's deliveries instead (possibly none), on the
     scheduler thread: service/engine_process.py forwards them to another process."""
@@ -226,8 +254,6 @@ class Engine:
         self._free_rows = list(range(max_batch_size - 1, -1, -1))  # pop() hands out row 0 first
 
         self.decode_steps = 0  # batched decode steps run so far (tests count them)
-        self._ready = False
-        self._draining = False
         self._thread: threading.Thread | None = None
         self._thread_error: BaseException | None = None
 
@@ -246,14 +272,6 @@ class Engine:
                    checkpoint_path=Path(settings.checkpoint), **options)
 
     # -- State, readable from any thread --
-
-    @property
-    def ready(self) -> bool:
-        return self._ready and not self._draining and self.alive
-
-    @property
-    def draining(self) -> bool:
-        return self._draining
 
     @property
     def alive(self) -> bool:
@@ -299,12 +317,7 @@ class Engine:
     def submit(self, request: GenerationRequest, handle: Cancellable | None = None) -> Any:
         """Queue a request; return its handle (by default a RequestHandle on the calling event
         loop). Raises EngineUnavailable or QueueFull at once."""
-        if self._draining:
-            raise EngineUnavailable("draining")
-        if not self.alive:
-            raise EngineUnavailable("unhealthy")
-        if not self._ready:
-            raise EngineUnavailable("loading")
+        self.check_accepting()
         work = _Work(request, handle or RequestHandle(), time.perf_counter())
         with self._lock:
             if self._in_flight >= self.max_batch_size + self.max_queue:

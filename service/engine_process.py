@@ -27,6 +27,7 @@ from typing import Any
 
 from gpt import CharTokenizer, CheckpointError, read_config
 from service.engine import (
+    Admission,
     Deliveries,
     Engine,
     EngineUnavailable,
@@ -63,7 +64,7 @@ class _RemoteHandle(RequestHandle):
             self.engine._cancel(self.request_id)
 
 
-class EngineProcess:
+class EngineProcess(Admission):
     """An EngineLike whose scheduler and model live in a child process (see the module docstring)."""
 
     def __init__(self, settings: Settings) -> None:
@@ -84,8 +85,6 @@ class EngineProcess:
         self._handles: dict[int, _RemoteHandle] = {}
         self._ids = itertools.count()
         self._reader: threading.Thread | None = None
-        self._ready = False
-        self._draining = False
         self._dead = False
         self._stopping = False
         self.queue_size = 0
@@ -109,14 +108,6 @@ class EngineProcess:
     # -- State, readable from any thread --
 
     @property
-    def ready(self) -> bool:
-        return self._ready and not self._draining and self.alive
-
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
-    @property
     def alive(self) -> bool:
         return not self._dead and (self._process.is_alive() or self._stopping)
 
@@ -131,12 +122,7 @@ class EngineProcess:
             self._reader.start()
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
-        if self._draining:
-            raise EngineUnavailable("draining")
-        if not self.alive:
-            raise EngineUnavailable("unhealthy")
-        if not self._ready:
-            raise EngineUnavailable("loading")
+        self.check_accepting()
         with self._lock:
             if len(self._handles) >= self.max_in_flight:
                 raise QueueFull()
