@@ -18,15 +18,16 @@ some must be refused. Clients honour Retry-After, as well-behaved ones do; burst
                 broken or inconsistent body, a transport error, a timeout. Must be 0.
 
 Printed: those counts; time to first character (streams, client side) and inter-character latency
-(between consecutive streamed events) p50/p99; the server's resident memory when ready, after the
-warm-up part of the run and after the run; the rows and queue entries it still holds after the run
-(from /metrics; must be 0).
+(between consecutive streamed events) p50/p99; the server's resident memory (its processes together)
+when ready, after the warm-up part of the run and after the run; the rows and queue entries it
+still holds after the run (from /metrics; must be 0).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -134,7 +135,7 @@ class LoadReport:
                   f"{ms(self.ttfc_s, 0.5):.1f} / {ms(self.ttfc_s, 0.99):.1f}")
         table.add("inter-char latency p50 / p99 (ms)",
                   f"{ms(self.inter_char_s, 0.5):.2f} / {ms(self.inter_char_s, 0.99):.2f}")
-        table.add("server RSS ready / after warm-up / after (MiB)",
+        table.add("server RSS, all its processes: ready / after warm-up / after (MiB)",
                   f"{self.rss_ready / MIB:.1f} / {self.rss_warm / MIB:.1f} / {self.rss_after / MIB:.1f}")
         table.add("RSS growth after warm-up (MiB)", f"{self.rss_growth / MIB:+.1f}")
         table.add("rows / queue held after the run", f"{self.rows_after:g} / {self.queue_after:g}")
@@ -323,6 +324,15 @@ async def bursts(http: httpx.AsyncClient, planner: Planner, report: LoadReport, 
     await asyncio.gather(*in_flight)
 
 
+def resident_memory(server: psutil.Process) -> int:
+    """Resident bytes of the server and its child processes (the engine runs in one)."""
+    total = 0
+    for process in [server, *server.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += process.memory_info().rss
+    return total
+
+
 async def drive(base_url: str, server_pid: int, config: LoadConfig) -> LoadReport:
     """Run the load against the server at `base_url` (process `server_pid`, for its memory)."""
     server = psutil.Process(server_pid)
@@ -334,11 +344,11 @@ async def drive(base_url: str, server_pid: int, config: LoadConfig) -> LoadRepor
         disconnects_before = server_metric(await plain.get("/metrics"), "caesar_disconnects_total")
     planner = Planner(config, info["model_id"], limits["max_new_tokens"])
     budget = Budget(config)
-    report.rss_ready = server.memory_info().rss
+    report.rss_ready = resident_memory(server)
 
     async def sample_warm_rss() -> None:
         await asyncio.sleep(config.duration_s * config.warmup_share)
-        report.rss_warm = server.memory_info().rss
+        report.rss_warm = resident_memory(server)
 
     connections = config.clients + report.burst_size + 8
     # Idle connections expire well before uvicorn's 5 s keep-alive timeout, so that no request is
@@ -371,7 +381,7 @@ async def drive(base_url: str, server_pid: int, config: LoadConfig) -> LoadRepor
                 break
             await asyncio.sleep(0.05)
         report.server_disconnects = server_metric(metrics, "caesar_disconnects_total") - disconnects_before
-    report.rss_after = server.memory_info().rss
+    report.rss_after = resident_memory(server)
     return report
 
 

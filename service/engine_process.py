@@ -70,7 +70,7 @@ class EngineProcess(Admission):
     def __init__(self, settings: Settings) -> None:
         config = read_config(settings.checkpoint)  # a missing or broken config fails here, at once
         if settings.threads is None:  # as vLLM's CPU backend does: one core stays with the HTTP side
-            settings = settings.model_copy(update={"threads": max(1, len(os.sched_getaffinity(0)) - 1)})
+            settings = settings.model_copy(update={"threads": max(1, usable_cpus() - 1)})
         self.tokenizer = CharTokenizer(config["vocab"])
         self.max_in_flight = settings.max_batch_size + settings.max_queue
         context = multiprocessing.get_context("spawn")  # no fork of a process that holds threads
@@ -196,6 +196,13 @@ class EngineProcess(Admission):
                     del self._handles[request_id]
                 deliveries.append((handle, events))
         to_event_loops(deliveries)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class _Forwarded:
