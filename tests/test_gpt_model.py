@@ -35,7 +35,7 @@ def test_the_few_row_cpu_routes_equal_nn_linear(shape):
     x = torch.randn(shape)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias),
-                                   atol=1e-4, rtol=1e-5)
+                                   atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("in_features", "rows", "route"), [
