@@ -66,7 +66,6 @@ class LoadResult:
         return sum(r.chars for r in self.requests) / self.wall_s
 
 
-
 def pooled(rounds: list[LoadResult]) -> LoadResult:
     """Every request of these rounds, as one result (for percentiles)."""
     return LoadResult([r for result in rounds for r in result.requests], sum(r.wall_s for r in rounds))

@@ -239,6 +239,8 @@ def run_engine(settings: Settings, conn: Connection) -> None:
         conn.send(("events", items, state))
 
     try:
+        # The parent admits (429 when full). A cancelled request leaves its count at once but holds
+        # its row here for up to two more steps, so this engine's own bound sits a batch above it.
         engine = Engine.from_settings(settings, on_events=forward,
                                       max_queue=settings.max_queue + settings.max_batch_size)
     except (CheckpointError, RuntimeError) as error:
