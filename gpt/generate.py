@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from gpt.model import GPT, CacheRows, KVCache
+from gpt.model import GPT, CacheRows, DecodeRows, KVCache
 from gpt.sampling import SamplingParams, greedy_tokens, is_plain_greedy, make_generator, sample_token
 
 MAX_STOP_STRINGS = 4
@@ -152,8 +152,8 @@ def padding_groups(lengths: list[int], waste: float = 0.25, max_tokens: int = 81
 
 def decode_step(model: GPT, cache: KVCache, rows: list[int], tokens: list[int]) -> torch.Tensor:
     """Feed one token to each of `rows`, each at its own position; return logits (R, V)."""
-    if cache.static_decode is not None:
-        logits = _decode_all_rows(cache, rows, tokens)
+    if cache.compiled_step is not None:
+        logits = cache.compiled_step(rows, tokens)
     else:
         idx = torch.tensor(tokens, device=cache.k[0].device)[:, None]
         logits = model.forward_cached(idx, cache, rows, [cache.lengths[r] for r in rows])[:, -1]
@@ -181,19 +181,64 @@ class StaticDecoder(torch.nn.Module):
         return self.model.forward_rows(idx, self.cache, rows)[:, -1]
 
 
+class RowsDecoder(torch.nn.Module):
+    """One decode step over the rows it is given, attention left to an opaque operator
+    (gpt.model.cached_attention): a graph whose only varying shape is the number of rows."""
+
+    def __init__(self, model: GPT, cache: KVCache) -> None:
+        super().__init__()
+        self.model = model
+        self.cache = cache
+
+    def forward(self, idx: torch.Tensor, rows: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """idx: (R, 1) tokens for cache rows `rows` (R,) at positions `start` (R,). Returns (R, V)."""
+        return self.model.forward_rows(idx, self.cache, DecodeRows(rows, start))[:, -1]
+
+
+# Inductor's CPU GEMM template with the weights frozen into the graph and packed for it: on few rows
+# it streams a weight several times faster than MKL does (docs/benchmarks.md). Freezing is read
+# when a graph is compiled, which can happen at any call (a new row count), so every call sets it.
+CPU_GEMM_CONFIG = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+
+
 def compile_decode(model: GPT, cache: KVCache, **compile_options: Any) -> None:
-    """Opt in to a compiled decode step for `cache`: CUDA graphs (mode="reduce-overhead") unless
-    other torch.compile options are given."""
+    """Opt in to a compiled decode step for `cache`, the kind that suits its device: CUDA graphs on
+    CUDA, inductor's packed GEMM kernels on the CPU. torch.compile options replace the defaults."""
+    if cache.k[0].device.type == "cuda":
+        compile_static_decode(model, cache, **compile_options)
+    else:
+        compile_rows_decode(model, cache, **compile_options)
+
+
+def compile_static_decode(model: GPT, cache: KVCache, **compile_options: Any) -> None:
+    """CUDA graphs (mode="reduce-overhead") of a fixed-shape step over every cache row."""
     options = compile_options or {"mode": "reduce-overhead"}
-    cache.static_decode = torch.compile(StaticDecoder(model, cache), fullgraph=True, **options)
+    static = torch.compile(StaticDecoder(model, cache), fullgraph=True, **options)
+    cache.compiled_step = lambda rows, tokens: _decode_all_rows(static, cache, rows, tokens)
 
 
-def _decode_all_rows(cache: KVCache, rows: list[int], tokens: list[int]) -> torch.Tensor:
+def compile_rows_decode(model: GPT, cache: KVCache, **compile_options: Any) -> None:
+    """A step over the decoding rows alone, one graph for any number of rows (and another for one
+    row, which torch.compile specialises). With inductor, the weights are frozen into the graph and
+    copied once more, packed for CPU_GEMM_CONFIG's kernels."""
+    device = cache.k[0].device
+    compiled = torch.compile(RowsDecoder(model, cache), fullgraph=True, dynamic=True, **compile_options)
+
+    def step(rows: list[int], tokens: list[int]) -> torch.Tensor:
+        with torch._inductor.config.patch(CPU_GEMM_CONFIG):
+            return compiled(torch.tensor(tokens, device=device)[:, None], torch.tensor(rows, device=device),
+                            torch.tensor([cache.lengths[r] for r in rows], device=device))
+
+    cache.compiled_step = step
+
+
+def _decode_all_rows(static: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], cache: KVCache,
+                     rows: list[int], tokens: list[int]) -> torch.Tensor:
     device = cache.k[0].device
     idx = torch.zeros(cache.max_batch, 1, dtype=torch.long)
     positions = torch.tensor([min(n, cache.max_len - 1) for n in cache.lengths])[:, None]
     idx[rows, 0] = torch.tensor(tokens)
-    logits = cache.static_decode(idx.to(device), positions.to(device))
+    logits = static(idx.to(device), positions.to(device))
     return logits[torch.tensor(rows, device=device)]
 
 

@@ -68,7 +68,8 @@ class KVCache(nn.Module):
         self.k = [getattr(self, f"k_{layer}") for layer in range(config.n_layer)]
         self.v = [getattr(self, f"v_{layer}") for layer in range(config.n_layer)]
         self.lengths = [0] * max_batch
-        self.static_decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        # Set by gpt.generate.compile_decode: (rows, tokens) -> logits (R, V), one decode step.
+        self.compiled_step: Callable[[list[int], list[int]], torch.Tensor] | None = None
 
     def free(self, row: int) -> None:
         # Stale keys beyond a row's length are never attended to, so freeing only resets the length.
@@ -120,6 +121,48 @@ class CacheRows:
         else:
             # Indexing (R, 1) rows and (R, T) positions around the head slice puts (R, T) first.
             cache[self.index[:, None], :, self.positions] = new.transpose(1, 2)  # (R, T, n_head, head_dim)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor) -> torch.Tensor:
+        """Store the new keys and values (R, n_head, T, head_dim), then attend the new queries over
+        everything the rows have cached."""
+        self.write(k_cache, k)
+        self.write(v_cache, v)
+        keys = k_cache[self.selector, :, :self.length]  # (R, n_head, L, head_dim)
+        values = v_cache[self.selector, :, :self.length]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, is_causal=self.is_causal)
+
+
+@torch.library.custom_op("caesar_gpt::cached_attention", mutates_args=("k_cache", "v_cache"))
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, rows: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """CacheRows.attend as one operator that torch.compile leaves whole: inside it the rows'
+    lengths are data rather than shapes, so one compiled decode step serves every length."""
+    cache_rows = CacheRows.build(rows.tolist(), start.tolist(), q.size(2), q.device)
+    return cache_rows.attend(q, k, v, k_cache, v_cache)
+
+
+@cached_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+      rows: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+@dataclass
+class DecodeRows:
+    """CacheRows for one new token per row, held as tensors: the form a compiled decode step takes.
+    rows[i] is a cache row, start[i] the position its new token goes to."""
+
+    rows: torch.Tensor  # (R,)
+    start: torch.Tensor  # (R,)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.start[:, None]  # (R, 1)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor) -> torch.Tensor:
+        return cached_attention(q, k, v, k_cache, v_cache, self.rows, self.start)
 
 
 # Decoding feeds each projection a handful of rows (one per running sequence), where CPU BLAS is at
@@ -215,15 +258,10 @@ class CausalSelfAttention(nn.Module):
         return self._merge_heads(y)
 
     def forward_cached(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       rows: CacheRows) -> torch.Tensor:
+                       rows: CacheRows | DecodeRows) -> torch.Tensor:
         """x: (R, T, C), the new tokens of the R rows that `rows` names."""
         q, k, v = self._split_heads(x)  # (R, n_head, T, head_dim)
-        rows.write(k_cache, k)
-        rows.write(v_cache, v)
-        keys = k_cache[rows.selector, :, :rows.length]  # (R, n_head, L, head_dim)
-        values = v_cache[rows.selector, :, :rows.length]
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=rows.mask, is_causal=rows.is_causal)
-        return self._merge_heads(y)
+        return self._merge_heads(rows.attend(q, k, v, k_cache, v_cache))
 
 
 class MLP(nn.Module):
@@ -253,7 +291,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
     def forward_cached(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       rows: CacheRows) -> torch.Tensor:
+                       rows: CacheRows | DecodeRows) -> torch.Tensor:
         x = x + self.attn.forward_cached(self.ln_1(x), k_cache, v_cache, rows)
         return x + self.mlp(self.ln_2(x))
 
@@ -315,7 +353,7 @@ class GPT(nn.Module):
             raise ValueError(f"position {cache_rows.length - 1} is past the cache length {cache.max_len}")
         return self.forward_rows(idx, cache, cache_rows)
 
-    def forward_rows(self, idx: torch.Tensor, cache: KVCache, rows: CacheRows) -> torch.Tensor:
+    def forward_rows(self, idx: torch.Tensor, cache: KVCache, rows: CacheRows | DecodeRows) -> torch.Tensor:
         x = self.transformer.wte(idx) + self.transformer.wpe(rows.positions)  # (R, T, C)
         for block, k_cache, v_cache in zip(self.transformer.h, cache.k, cache.v, strict=True):
             x = block.forward_cached(x, k_cache, v_cache, rows)

@@ -239,10 +239,8 @@ class Engine(Admission):
         self.device, self.dtype = weights.device, weights.dtype
         # The whole KV memory is allocated here, once: load never grows it.
         self.cache = KVCache(model.config, max_batch_size, device=self.device, dtype=self.dtype)
-        if compile and self.device.type == "cuda":  # CUDA graphs of the decode step, captured at warm-up
+        if compile:  # compiled (CUDA graphs captured) at warm-up
             compile_decode(model, self.cache)
-        elif compile:
-            logger.warning("--compile applies to CUDA only; decoding uncompiled on %s", self.device)
 
         self._lock = threading.Condition()
         self._waiting: collections.deque[_Work] = collections.deque()  # guarded by _lock
@@ -513,7 +511,8 @@ class Engine(Admission):
 
     def _warm_up(self) -> None:
         """Run the largest shapes the engine will see before serving: a prefill of a whole context
-        (row 0), then one decode step over every row that attends over the whole context length."""
+        (row 0), then one decode step over every row that attends over the whole context length;
+        then a decode step of one row, which a compiled step on the CPU has a graph of its own for."""
         started = time.perf_counter()
         context = self.model.config.block_size
         greedy = SamplingParams(temperature=0.0)
@@ -522,6 +521,7 @@ class Engine(Admission):
                 for prompt in prompts]
         start_rows(self.model, self.cache, seqs, list(range(self.max_batch_size)))
         advance(self.model, self.cache, seqs)
+        advance(self.model, self.cache, seqs[1:2])
         for row in range(self.max_batch_size):
             self.cache.free(row)
         if self.device.type == "cuda":

@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on cuda, float32 on cpu")
-    compile: bool = Field(False, description="compile the decode step into CUDA graphs (CUDA only)")
+    compile: bool = Field(False, description="compile the decode step: CUDA graphs on CUDA, inductor's "
+                          "packed GEMM kernels on the CPU (warm-up takes minutes for the seed model)")
     threads: int | None = Field(
         None, ge=1, description="the engine's torch CPU threads (default: with --engine-process, one "
         "less than the CPUs, leaving one to the HTTP server; else torch's choice)")

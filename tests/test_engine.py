@@ -31,10 +31,10 @@ MakeEngine = Callable[..., Engine]
 def make_engine(tiny_model: GPT, tokenizer: CharTokenizer) -> MakeEngine:
     engines = []
 
-    def make(**options: Any) -> Engine:
+    def make(warm_up_s: float = 30, **options: Any) -> Engine:
         engine = Engine(tiny_model, tokenizer, **{"max_batch_size": 4, "max_queue": 8, **options})
         engine.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + warm_up_s
         while not engine.ready:
             assert time.monotonic() < deadline, "the engine did not warm up"
             time.sleep(0.01)
@@ -88,6 +88,29 @@ def test_same_seed_same_text_alone_and_in_a_full_batch(make_engine: MakeEngine, 
     # ...and it is what the library's own streaming generator writes for that seed.
     chunks = generate(tiny_model, mine.prompt_ids, tokenizer.decode, 80, mine.params)
     assert "".join(chunk.text for chunk in chunks) == text
+
+
+def test_compiled_decode_on_the_cpu_writes_the_same_text(make_engine: MakeEngine, tiny_model: GPT,
+                                                         tokenizer: CharTokenizer) -> None:
+    """--compile on the CPU: the warm-up compiles the step (inductor, for any number of rows and for
+    one), then requests alone and together get the text of the uncompiled library path."""
+    engine = make_engine(compile=True, warm_up_s=600)
+    assert engine.cache.compiled_step is not None
+    requests = [request(tokenizer, "BRUTUS:", 50, temperature=0.9, top_k=30, seed=7),
+                request(tokenizer, "O" * 9, 70, temperature=0), request(tokenizer, "Rome", 30, seed=3)]
+
+    async def alone() -> str:
+        return (await outcome(engine.submit(requests[0])))[0]
+
+    async def together() -> list[str]:
+        results = await asyncio.gather(*(outcome(engine.submit(r)) for r in requests))
+        assert all(isinstance(end, Finished) for _, end in results)
+        return [text for text, _ in results]
+
+    expected = ["".join(c.text for c in generate(tiny_model, r.prompt_ids, tokenizer.decode, r.max_new_tokens,
+                                                 r.params)) for r in requests]
+    assert run(alone()) == expected[0]
+    assert run(together()) == expected
 
 
 def test_cancelled_row_is_freed_within_two_decode_steps(make_engine: MakeEngine,

@@ -3,7 +3,7 @@
 import torch
 
 from gpt import GPT, KVCache, SamplingParams, Sequence, advance, generate, generate_reference, start
-from gpt.generate import StopMatcher
+from gpt.generate import StopMatcher, decode_step
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -134,11 +134,45 @@ def test_the_cached_path_is_the_same_in_bfloat16_shapes(tokenizer):
 def test_static_decoder_matches_the_dynamic_path(tiny_model, tokenizer):
     """The fixed-shape step that CUDA graphs capture gives the same text; traced here by dynamo with
     the eager backend (the CPU has no CUDA graphs), which also proves it compiles as one graph."""
-    from gpt.generate import compile_decode
+    from gpt.generate import compile_static_decode
     prompt = tokenizer.encode("Et tu, Brute?")
     dynamic = "".join(c.text for c in generate(tiny_model, prompt, tokenizer.decode, 100, GREEDY))
     cache = KVCache(tiny_model.config, max_batch=3)
-    compile_decode(tiny_model, cache, backend="eager")
+    compile_static_decode(tiny_model, cache, backend="eager")
     static = "".join(c.text for c in generate(tiny_model, prompt, tokenizer.decode, 100, GREEDY,
                                                cache=cache, row=1))
     assert static == dynamic
+
+
+def test_compiled_cpu_decode_matches_the_dynamic_path(tiny_model, tokenizer):
+    """compile_decode on the CPU: inductor's graph of the step, with the weights frozen and packed,
+    gives the eager path's logits for rows at different positions and for one row (one graph for
+    one row, one for any other count), and the same text as rows join, leave and slide their window."""
+    from gpt.generate import compile_decode
+    prompts = [tokenizer.encode(p) for p in ("Et tu, Brute?", "CASSIUS.", "Beware the ides of March")]
+    caches = {name: KVCache(tiny_model.config, max_batch=4) for name in ("eager", "compiled")}
+    compile_decode(tiny_model, caches["compiled"])
+    logits: dict[str, list[torch.Tensor]] = {name: [] for name in caches}
+    texts: dict[str, list[list[int]]] = {}
+    for name, cache in caches.items():
+        seqs = [Sequence(p, 100, GREEDY, tokenizer.decode, 65, tiny_model.config.block_size) for p in prompts]
+        for seq, row in zip(seqs, (2, 0, 3), strict=True):
+            start(tiny_model, cache, seq, row)
+        with torch.inference_mode():
+            for rows in ([2, 0, 3], [0, 3], [3]):
+                logits[name].append(decode_step(tiny_model, cache, rows, [1] * len(rows)))
+        for row in (2, 0, 3):
+            cache.free(row)
+        seqs = [Sequence(p, 100, GREEDY, tokenizer.decode, 65, tiny_model.config.block_size) for p in prompts]
+        start(tiny_model, cache, seqs[0], 1)
+        for _ in range(10):
+            advance(tiny_model, cache, seqs[:1])
+        start(tiny_model, cache, seqs[1], 0)
+        start(tiny_model, cache, seqs[2], 3)
+        for step in range(80):  # past the tiny context of 64: rows slide and are prefilled again
+            advance(tiny_model, cache, seqs if step < 40 else seqs[1:])  # the first leaves at 40
+        texts[name] = [seq.generated_ids for seq in seqs]
+    for eager, compiled in zip(logits["eager"], logits["compiled"], strict=True):
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert texts["compiled"] == texts["eager"]
+    assert [len(ids) for ids in texts["eager"]] == [51, 81, 81]
