@@ -7,9 +7,10 @@ Hugging Face `generate` at batch 1 and 8 on the same weights.
 Levels:
 - library: `gpt.generate.start` for each row, then timed `advance` steps over one KVCache
   (steady-state decode; prefill not counted); again with the projections on nn.Linear's own
-  route (before gpt.model.Linear's CPU few-row routes), as a before/after;
+  route (before gpt.model.Linear's CPU few-row routes), as a before/after; and with the compiled
+  decode step (`gpt.compile_decode`: inductor's packed GEMM kernels; `--no-compile` leaves it out);
 - engine:  `service.engine.Engine`, all requests submitted at once, wall time to the last
-  character (prefill, scheduling and delivery included);
+  character (prefill, scheduling and delivery included); again with `compile=True` (`--compile`);
 - http:    the real server (`python -m service`), concurrent non-streaming POST /generate.
 """
 
@@ -41,7 +42,7 @@ from bench.common import (
     tokenizer,
 )
 from bench.convert_hf import to_hf
-from gpt import GPT, PRESETS, CharTokenizer, KVCache, SamplingParams, Sequence, advance, start
+from gpt import GPT, PRESETS, CharTokenizer, KVCache, SamplingParams, Sequence, advance, compile_decode, start
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -106,13 +107,13 @@ def hf_rate(hf: torch.nn.Module, ids: list[int], rows: int, steps: int) -> float
     return rows * steps / (time.perf_counter() - begin)
 
 
-def make_engine(model: GPT, tok: CharTokenizer, max_rows: int) -> object | None:
+def make_engine(model: GPT, tok: CharTokenizer, max_rows: int, compile: bool = False) -> object | None:
     try:
         from service.engine import Engine
     except ImportError as e:
         print(f"engine level skipped: {e}", file=sys.stderr)
         return None
-    engine = Engine(model, tok, max_batch_size=max_rows, max_queue=max_rows, warmup=False)
+    engine = Engine(model, tok, max_batch_size=max_rows, max_queue=max_rows, warmup=False, compile=compile)
     engine.start()
     deadline = time.monotonic() + 60
     while not engine.ready:
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="new characters per row (default 64, --quick 16)")
     parser.add_argument("--repeats", type=int, help="default 3, --quick 1")
     parser.add_argument("--prompt-length", type=int, default=64)
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave out the compiled steps (compiling the seed model takes minutes)")
     parser.add_argument("--levels", nargs="+", default=["library", "engine", "http"],
                         choices=["library", "engine", "http"])
     args = parser.parse_args(argv)
@@ -152,14 +155,22 @@ def main(argv: list[str] | None = None) -> None:
 
     peers = {"library": lambda rows: library_rate(model, tok, cache, ids, rows, steps),
              "library, nn.Linear route": library_plain}
-    engine = make_engine(model, tok, max_rows) if "engine" in args.levels else None
-    if engine is not None:
-        peers["engine"] = lambda rows: engine_rate(engine, ids, rows, steps)
+    if not args.no_compile:
+        compiled_cache = KVCache(model.config, max_rows)
+        compile_decode(model, compiled_cache)
+        peers["library, compiled"] = lambda rows: library_rate(model, tok, compiled_cache, ids, rows, steps)
+    engines = {}
+    if "engine" in args.levels:
+        for name, compile in (("engine", False), ("engine, compiled", True)):
+            if not (compile and args.no_compile) and (engine := make_engine(model, tok, max_rows, compile)):
+                engines[name] = engine
+                peers[name] = lambda rows, engine=engine: engine_rate(engine, ids, rows, steps)
     peers = {name: fn for name, fn in peers.items() if name.split(",")[0] in args.levels}
 
     def measure_all() -> None:
-        for peer in peers.values():
-            peer(1)  # warm-up
+        for peer in peers.values():  # warm-up; a compiled step compiles for 1 row, then for more
+            peer(1)
+            peer(min(2, max_rows))
         for _ in range(repeats):
             for rows in row_counts:
                 for name, peer in peers.items():
@@ -178,10 +189,11 @@ def main(argv: list[str] | None = None) -> None:
             measure_all()
     else:
         measure_all()
-    if engine is not None:
+    for engine in engines.values():
         engine.shutdown()
 
-    levels = [name for name in ("library", "library, nn.Linear route", "engine", "http") if name in rates]
+    levels = [name for name in ("library", "library, nn.Linear route", "library, compiled", "engine",
+                                "engine, compiled", "http") if name in rates]
     table = Table(["rows", *(f"{name} chars/s" for name in levels), "HF generate chars/s",
                    *(f"{name} vs 1 row" for name in levels), "spread (library)"])
     for rows in row_counts:

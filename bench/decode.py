@@ -35,7 +35,9 @@ from bench.common import (
     tokenizer,
 )
 from bench.convert_hf import check_same_logits, to_hf
-from gpt import GPT, PRESETS, SamplingParams, generate, generate_reference
+from gpt import GPT, PRESETS, KVCache, SamplingParams, compile_decode, generate, generate_reference
+
+COMPILED = "ours, compiled (gpt.compile_decode)"
 
 
 @dataclass
@@ -67,11 +69,12 @@ class FirstTokenTimer(BaseStreamer):
         pass
 
 
-def run_ours(model: GPT, ids: list[int], new: int, decode: Callable[[list[int]], str]) -> Run:
+def run_ours(model: GPT, ids: list[int], new: int, decode: Callable[[list[int]], str],
+             cache: KVCache | None = None) -> Run:
     start = time.perf_counter()
     first = None
     chunks = []
-    for chunk in generate(model, ids, decode, new, SamplingParams(temperature=0.0)):
+    for chunk in generate(model, ids, decode, new, SamplingParams(temperature=0.0), cache=cache):
         first = first or time.perf_counter()
         chunks.append(chunk.text)
     total = time.perf_counter() - start
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-length", type=int, default=64)
     parser.add_argument("--new", type=int, nargs="+", help="new characters per run (default 256 512)")
     parser.add_argument("--repeats", type=int, help="timed runs per peer (default 3, --quick 2)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave out the compiled step (compiling the seed model takes about a minute)")
     parser.add_argument("--reference-new", type=int,
                         help="new characters for the no-cache loop (default: the longest --new; --quick 32)")
     args = parser.parse_args(argv)
@@ -139,6 +144,13 @@ def main(argv: list[str] | None = None) -> None:
     peers = {"ours (KV cache)": lambda n: run_ours(model, ids, n, tok.decode),
              "ours, nn.Linear route": run_ours_plain,
              "HF generate": lambda n: run_hf(hf, ids, n, tok.decode)}
+    if not args.no_compile:
+        compiled_cache = KVCache(config, 1)
+        compile_decode(model, compiled_cache)
+        started = time.perf_counter()
+        run_ours(model, ids, 2, tok.decode, compiled_cache)
+        print(f"compiled the decode step in {time.perf_counter() - started:.0f} s")
+        peers[COMPILED] = lambda n: run_ours(model, ids, n, tok.decode, compiled_cache)
     results: dict[tuple[str, int], list[Run]] = {}
     for new in lengths:
         for peer in peers.values():  # warm-up: allocator, caches, lazy inits
@@ -163,16 +175,24 @@ def main(argv: list[str] | None = None) -> None:
     table.add("bandwidth bound", "-", 1 / bound_step_s, bound_step_s * 1e3, "-",
               f"copy {bandwidth / 1e9:.1f} GB/s")
 
+    compiled_columns = [] if args.no_compile else ["compiled / HF generate", "compiled / ours",
+                                                   "bound ms / compiled ms"]
     ratios = Table(["new chars", "ours / HF generate", "ours / nn.Linear route", "ours / no-cache loop",
-                    "bound ms / ours ms"])
+                    "bound ms / ours ms", *compiled_columns])
     for new in lengths:
         ours = median([r.new_chars / r.total_s for r in results[("ours (KV cache)", new)]])
         theirs = median([r.new_chars / r.total_s for r in results[("HF generate", new)]])
         plain = median([r.new_chars / r.total_s for r in results[("ours, nn.Linear route", new)]])
         ours_step = median([r.step_s for r in results[("ours (KV cache)", new)]])
         ref_rate = reference.new_chars / reference.total_s
-        ratios.add(new, f"{ours / theirs:.2f}x", f"{ours / plain:.2f}x", f"{ours / ref_rate:.1f}x",
-                   f"{bound_step_s / ours_step:.0%}")
+        row = [new, f"{ours / theirs:.2f}x", f"{ours / plain:.2f}x", f"{ours / ref_rate:.1f}x",
+               f"{bound_step_s / ours_step:.0%}"]
+        if not args.no_compile:
+            compiled = median([r.new_chars / r.total_s for r in results[(COMPILED, new)]])
+            compiled_step = median([r.step_s for r in results[(COMPILED, new)]])
+            row += [f"{compiled / theirs:.2f}x", f"{compiled / ours:.2f}x",
+                    f"{bound_step_s / compiled_step:.0%}"]
+        ratios.add(*row)
 
     header = (f"`{command_line(argv)}`\n\n{args.preset} shape, {model.num_parameters():,} parameters "
               f"({weight_bytes / 1e6:.0f} MB of float32 weights), batch 1, greedy, "

@@ -58,7 +58,8 @@ def test_decode_quick(tmp_path: Path, capsys):
     decode.main(["--quick", "--preset", "tiny", "--threads", THREADS, "--prompt-length", "16", "--new", "24",
                  "--reference-new", "8", "--docs", str(tmp_path)])
     check_output(capsys.readouterr().out, tmp_path, "decode", "greedy texts identical", "| ours (KV cache)",
-                 "| HF generate", "| bandwidth bound", "ours / HF generate")
+                 "| HF generate", "| bandwidth bound", "ours / HF generate",
+                 "| ours, compiled (gpt.compile_decode)", "compiled / HF generate")
 
 
 @pytest.mark.slow
@@ -66,7 +67,8 @@ def test_batching_quick(tmp_path: Path, capsys):
     batching.main(["--quick", "--preset", "tiny", "--threads", THREADS, "--prompt-length", "16",
                    "--steps", "8", "--levels", "library", "engine", "--docs", str(tmp_path)])
     check_output(capsys.readouterr().out, tmp_path, "batching", "library chars/s", "engine chars/s",
-                 "library: 8 rows / 1 row", "HF generate: batch 8 / batch 1")
+                 "library: 8 rows / 1 row", "HF generate: batch 8 / batch 1",
+                 "library, compiled: 8 rows / 1 row", "engine, compiled: 8 rows / 1 row")
 
 
 @pytest.mark.slow
