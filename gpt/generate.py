@@ -220,7 +220,8 @@ def compile_static_decode(model: GPT, cache: KVCache, **compile_options: Any) ->
 def compile_rows_decode(model: GPT, cache: KVCache, **compile_options: Any) -> None:
     """A step over the decoding rows alone, one graph for any number of rows (and another for one
     row, which torch.compile specialises). With inductor, the weights are frozen into the graph and
-    copied once more, packed for CPU_GEMM_CONFIG's kernels."""
+    copied once more, packed for CPU_GEMM_CONFIG's kernels. The graphs of every such step in a
+    process count towards one limit (torch._dynamo.config.recompile_limit, 8): four caches' worth."""
     device = cache.k[0].device
     compiled = torch.compile(RowsDecoder(model, cache), fullgraph=True, dynamic=True, **compile_options)
 

@@ -51,3 +51,11 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer: CharTok
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     save_checkpoint(path, model, tokenizer, preset="tiny", metadata={"note": "random weights, for tests"})
     return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo_caches():
+    """Every compiled decode step adds its graphs to the same code object, and dynamo allows 8 per code
+    object in a process (torch._dynamo.config.recompile_limit); the suite compiles more than that."""
+    yield
+    torch._dynamo.reset()
