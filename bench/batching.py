@@ -8,9 +8,10 @@ Levels:
 - library: `gpt.generate.start` for each row, then timed `advance` steps over one KVCache
   (steady-state decode; prefill not counted); again with the projections on nn.Linear's own
   route (before gpt.model.Linear's CPU few-row routes), as a before/after; and with the compiled
-  decode step (`gpt.compile_decode`: inductor's packed GEMM kernels; `--no-compile` leaves it out);
+  decode step (`gpt.compile_decode`: inductor's packed GEMM kernels; left out by `--no-compile`,
+  and by `--quick` unless it is given `--compile`);
 - engine:  `service.engine.Engine`, all requests submitted at once, wall time to the last
-  character (prefill, scheduling and delivery included); again with `compile=True` (`--compile`);
+  character (prefill, scheduling and delivery included); again with `compile=True`;
 - http:    the real server (`python -m service`), concurrent non-streaming POST /generate.
 """
 
@@ -25,8 +26,10 @@ from transformers import GenerationConfig
 
 from bench.common import (
     Table,
+    add_compile_option,
     base_parser,
     command_line,
+    compile_wanted,
     free_port,
     machine_line,
     median,
@@ -130,11 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="new characters per row (default 64, --quick 16)")
     parser.add_argument("--repeats", type=int, help="default 3, --quick 1")
     parser.add_argument("--prompt-length", type=int, default=64)
-    parser.add_argument("--no-compile", action="store_true",
-                        help="leave out the compiled steps (compiling the seed model takes minutes)")
+    add_compile_option(parser)
     parser.add_argument("--levels", nargs="+", default=["library", "engine", "http"],
                         choices=["library", "engine", "http"])
     args = parser.parse_args(argv)
+    compiled_peers = compile_wanted(args)
     set_threads(args.threads)
     row_counts = args.rows or ([1, 4, 8] if args.quick else [1, 4, 8, 16, 32])
     steps = args.steps or (16 if args.quick else 64)
@@ -155,14 +158,14 @@ def main(argv: list[str] | None = None) -> None:
 
     peers = {"library": lambda rows: library_rate(model, tok, cache, ids, rows, steps),
              "library, nn.Linear route": library_plain}
-    if not args.no_compile:
+    if compiled_peers:
         compiled_cache = KVCache(model.config, max_rows)
         compile_decode(model, compiled_cache)
         peers["library, compiled"] = lambda rows: library_rate(model, tok, compiled_cache, ids, rows, steps)
     engines = {}
     if "engine" in args.levels:
         for name, compile in (("engine", False), ("engine, compiled", True)):
-            if not (compile and args.no_compile) and (engine := make_engine(model, tok, max_rows, compile)):
+            if (compiled_peers or not compile) and (engine := make_engine(model, tok, max_rows, compile)):
                 engines[name] = engine
                 peers[name] = lambda rows, engine=engine: engine_rate(engine, ids, rows, steps)
     peers = {name: fn for name, fn in peers.items() if name.split(",")[0] in args.levels}

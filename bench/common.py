@@ -45,6 +45,16 @@ def base_parser(description: str, threads: int | None = 2,
     return parser
 
 
+def add_compile_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="include the compiled decode step, gpt.compile_decode (default: yes, but not "
+                        "with --quick: compiling the seed model takes minutes)")
+
+
+def compile_wanted(args: argparse.Namespace) -> bool:
+    return args.compile if args.compile is not None else not args.quick
+
+
 def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # for child processes

@@ -4,6 +4,8 @@ the no-cache nanoGPT loop, and the memory-bandwidth bound.
     .venv/bin/python -m bench.decode            # seed shape, 256 and 512 new characters
     .venv/bin/python -m bench.decode --quick    # 128 new characters, fewer repeats (< 2 minutes)
 
+The compiled step (gpt.compile_decode) runs as a peer too, except with --quick (--compile adds it).
+
 Random weights are fine: speed does not depend on their values. Both models are checked to give
 the same logits (atol 1e-4) before anything is timed, and greedy decoding must give the same text.
 """
@@ -20,8 +22,10 @@ from transformers.generation.streamers import BaseStreamer
 
 from bench.common import (
     Table,
+    add_compile_option,
     base_parser,
     command_line,
+    compile_wanted,
     copy_bandwidth,
     machine_line,
     median,
@@ -112,11 +116,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-length", type=int, default=64)
     parser.add_argument("--new", type=int, nargs="+", help="new characters per run (default 256 512)")
     parser.add_argument("--repeats", type=int, help="timed runs per peer (default 3, --quick 2)")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="leave out the compiled step (compiling the seed model takes about a minute)")
+    add_compile_option(parser)
     parser.add_argument("--reference-new", type=int,
                         help="new characters for the no-cache loop (default: the longest --new; --quick 32)")
     args = parser.parse_args(argv)
+    compiled_peer = compile_wanted(args)
     set_threads(args.threads)
     lengths = args.new or ([128] if args.quick else [256, 512])
     repeats = args.repeats or (2 if args.quick else 3)
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     peers = {"ours (KV cache)": lambda n: run_ours(model, ids, n, tok.decode),
              "ours, nn.Linear route": run_ours_plain,
              "HF generate": lambda n: run_hf(hf, ids, n, tok.decode)}
-    if not args.no_compile:
+    if compiled_peer:
         compiled_cache = KVCache(config, 1)
         compile_decode(model, compiled_cache)
         started = time.perf_counter()
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     table.add("bandwidth bound", "-", 1 / bound_step_s, bound_step_s * 1e3, "-",
               f"copy {bandwidth / 1e9:.1f} GB/s")
 
-    compiled_columns = [] if args.no_compile else ["compiled / HF generate", "compiled / ours",
+    compiled_columns = [] if not compiled_peer else ["compiled / HF generate", "compiled / ours",
                                                    "bound ms / compiled ms"]
     ratios = Table(["new chars", "ours / HF generate", "ours / nn.Linear route", "ours / no-cache loop",
                     "bound ms / ours ms", *compiled_columns])
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         ref_rate = reference.new_chars / reference.total_s
         row = [new, f"{ours / theirs:.2f}x", f"{ours / plain:.2f}x", f"{ours / ref_rate:.1f}x",
                f"{bound_step_s / ours_step:.0%}"]
-        if not args.no_compile:
+        if compiled_peer:
             compiled = median([r.new_chars / r.total_s for r in results[(COMPILED, new)]])
             compiled_step = median([r.step_s for r in results[(COMPILED, new)]])
             row += [f"{compiled / theirs:.2f}x", f"{compiled / ours:.2f}x",

@@ -55,8 +55,8 @@ def check_output(out: str, docs: Path, key: str, *expected: str) -> None:
 
 @pytest.mark.slow
 def test_decode_quick(tmp_path: Path, capsys):
-    decode.main(["--quick", "--preset", "tiny", "--threads", THREADS, "--prompt-length", "16", "--new", "24",
-                 "--reference-new", "8", "--docs", str(tmp_path)])
+    decode.main(["--quick", "--compile", "--preset", "tiny", "--threads", THREADS, "--prompt-length", "16",
+                 "--new", "24", "--reference-new", "8", "--docs", str(tmp_path)])
     check_output(capsys.readouterr().out, tmp_path, "decode", "greedy texts identical", "| ours (KV cache)",
                  "| HF generate", "| bandwidth bound", "ours / HF generate",
                  "| ours, compiled (gpt.compile_decode)", "compiled / HF generate")
@@ -64,7 +64,7 @@ def test_decode_quick(tmp_path: Path, capsys):
 
 @pytest.mark.slow
 def test_batching_quick(tmp_path: Path, capsys):
-    batching.main(["--quick", "--preset", "tiny", "--threads", THREADS, "--prompt-length", "16",
+    batching.main(["--quick", "--compile", "--preset", "tiny", "--threads", THREADS, "--prompt-length", "16",
                    "--steps", "8", "--levels", "library", "engine", "--docs", str(tmp_path)])
     check_output(capsys.readouterr().out, tmp_path, "batching", "library chars/s", "engine chars/s",
                  "library: 8 rows / 1 row", "HF generate: batch 8 / batch 1",
