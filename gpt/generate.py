@@ -182,17 +182,19 @@ class StaticDecoder(torch.nn.Module):
 
 
 class RowsDecoder(torch.nn.Module):
-    """One decode step over the rows it is given, attention left to an opaque operator
-    (gpt.model.cached_attention): a graph whose only varying shape is the number of rows."""
+    """One decode step over the rows it is given, attention included: a graph whose varying shapes
+    are the number of rows and how far they attend."""
 
     def __init__(self, model: GPT, cache: KVCache) -> None:
         super().__init__()
         self.model = model
         self.cache = cache
 
-    def forward(self, idx: torch.Tensor, rows: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """idx: (R, 1) tokens for cache rows `rows` (R,) at positions `start` (R,). Returns (R, V)."""
-        return self.model.forward_rows(idx, self.cache, DecodeRows(rows, start))[:, -1]
+    def forward(self, idx: torch.Tensor, rows: torch.Tensor, start: torch.Tensor,
+                key_positions: torch.Tensor) -> torch.Tensor:
+        """idx: (R, 1) tokens for cache rows `rows` (R,) at positions `start` (R,), attending over
+        key_positions (L,) = arange(max(start) + 1). Returns logits (R, V)."""
+        return self.model.forward_rows(idx, self.cache, DecodeRows(rows, start, key_positions))[:, -1]
 
 
 # Inductor's CPU GEMM template with the weights frozen into the graph and packed for it: on few rows
@@ -218,17 +220,21 @@ def compile_static_decode(model: GPT, cache: KVCache, **compile_options: Any) ->
 
 
 def compile_rows_decode(model: GPT, cache: KVCache, **compile_options: Any) -> None:
-    """A step over the decoding rows alone, one graph for any number of rows (and another for one
-    row, which torch.compile specialises). With inductor, the weights are frozen into the graph and
-    copied once more, packed for CPU_GEMM_CONFIG's kernels. The graphs of every such step in a
-    process count towards one limit (torch._dynamo.config.recompile_limit, 8): four caches' worth."""
+    """A step over the decoding rows alone, one graph for any number of rows and lengths (and one
+    for a single row, which torch.compile specialises). With inductor, the weights are frozen into
+    the graph and copied once more, packed for CPU_GEMM_CONFIG's kernels. The graphs of every such
+    step in a process count towards one limit (torch._dynamo.config.recompile_limit, 8): four
+    caches' worth."""
     device = cache.k[0].device
     compiled = torch.compile(RowsDecoder(model, cache), fullgraph=True, dynamic=True, **compile_options)
 
     def step(rows: list[int], tokens: list[int]) -> torch.Tensor:
+        start = [cache.lengths[r] for r in rows]
+        if max(start) >= cache.max_len:  # the graph's kernels do not check their indices
+            raise ValueError(f"position {max(start)} is past the cache length {cache.max_len}")
         with torch._inductor.config.patch(CPU_GEMM_CONFIG):
             return compiled(torch.tensor(tokens, device=device)[:, None], torch.tensor(rows, device=device),
-                            torch.tensor([cache.lengths[r] for r in rows], device=device))
+                            torch.tensor(start, device=device), torch.arange(max(start) + 1, device=device))
 
     cache.compiled_step = step
 

@@ -133,28 +133,16 @@ class CacheRows:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, is_causal=self.is_causal)
 
 
-@torch.library.custom_op("caesar_gpt::cached_attention", mutates_args=("k_cache", "v_cache"))
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, rows: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-    """CacheRows.attend as one operator that torch.compile leaves whole: inside it the rows'
-    lengths are data rather than shapes, so one compiled decode step serves every length."""
-    cache_rows = CacheRows.build(rows.tolist(), start.tolist(), q.size(2), q.device)
-    return cache_rows.attend(q, k, v, k_cache, v_cache)
-
-
-@cached_attention.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-      rows: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(q)
-
-
 @dataclass
 class DecodeRows:
-    """CacheRows for one new token per row, held as tensors: the form a compiled decode step takes.
-    rows[i] is a cache row, start[i] the position its new token goes to."""
+    """CacheRows for one new token per row, held wholly as tensors: the form a compiled decode step
+    traces. rows[i] is a cache row, start[i] the position its new token goes to; key_positions is
+    arange(max(start) + 1), whose length is how far the step attends, the one shape besides the
+    row count that varies from step to step."""
 
     rows: torch.Tensor  # (R,)
     start: torch.Tensor  # (R,)
+    key_positions: torch.Tensor  # (L,)
 
     @property
     def positions(self) -> torch.Tensor:
@@ -162,7 +150,18 @@ class DecodeRows:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor) -> torch.Tensor:
-        return cached_attention(q, k, v, k_cache, v_cache, self.rows, self.start)
+        """CacheRows.attend for one query per row, q, k, v (R, n_head, 1, head_dim)."""
+        k_cache[self.rows, :, self.start] = k[:, :, 0]  # (R, n_head, head_dim) at (row, position)
+        v_cache[self.rows, :, self.start] = v[:, :, 0]
+        length = self.key_positions.size(0)
+        keys = k_cache[self.rows, :, :length]  # (R, n_head, L, head_dim)
+        values = v_cache[self.rows, :, :length]
+        # Written out rather than F.scaled_dot_product_attention: inductor then fuses the gather of
+        # the rows' keys and values into the products instead of copying them out first.
+        scores = (q * keys).sum(-1) * q.size(-1) ** -0.5  # (R, n_head, L)
+        visible = self.key_positions[None, :] <= self.start[:, None]  # (R, L)
+        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+        return (scores.softmax(-1)[..., None] * values).sum(-2, keepdim=True)  # (R, n_head, 1, head_dim)
 
 
 # Decoding feeds each projection a handful of rows (one per running sequence), where CPU BLAS is at

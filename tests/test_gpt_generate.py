@@ -1,5 +1,6 @@
 """Generation through the cache against the no-cache oracle; seeds, stop strings, context overflow."""
 
+import pytest
 import torch
 
 from gpt import GPT, KVCache, SamplingParams, Sequence, advance, generate, generate_reference, start
@@ -176,3 +177,14 @@ def test_compiled_cpu_decode_matches_the_dynamic_path(tiny_model, tokenizer):
         torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     assert texts["compiled"] == texts["eager"]
     assert [len(ids) for ids in texts["eager"]] == [51, 81, 81]
+
+
+def test_the_compiled_cpu_step_refuses_a_position_past_the_cache(tiny_model):
+    """Its kernels do not bounds-check the cache writes, so the step checks the positions first."""
+    from gpt.generate import compile_decode
+    cache = KVCache(tiny_model.config, max_batch=2, max_len=8)
+    compile_decode(tiny_model, cache)
+    cache.lengths = [3, 8]
+    with torch.inference_mode(), pytest.raises(ValueError, match="position 8 is past the cache length 8"):
+        decode_step(tiny_model, cache, [0, 1], [1, 1])
+    assert cache.lengths == [3, 8]
