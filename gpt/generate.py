@@ -230,7 +230,7 @@ def compile_rows_decode(model: GPT, cache: KVCache, **compile_options: Any) -> N
 
     def step(rows: list[int], tokens: list[int]) -> torch.Tensor:
         start = [cache.lengths[r] for r in rows]
-        if max(start) >= cache.max_len:  # the graph's kernels do not check their indices
+        if max(start) >= cache.max_len:  # the same error as the eager path, before the graph runs
             raise ValueError(f"position {max(start)} is past the cache length {cache.max_len}")
         with torch._inductor.config.patch(CPU_GEMM_CONFIG):
             return compiled(torch.tensor(tokens, device=device)[:, None], torch.tensor(rows, device=device),

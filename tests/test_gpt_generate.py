@@ -180,7 +180,7 @@ def test_compiled_cpu_decode_matches_the_dynamic_path(tiny_model, tokenizer):
 
 
 def test_the_compiled_cpu_step_refuses_a_position_past_the_cache(tiny_model):
-    """Its kernels do not bounds-check the cache writes, so the step checks the positions first."""
+    """The eager path's error, raised before the graph runs, and no length moves."""
     from gpt.generate import compile_decode
     cache = KVCache(tiny_model.config, max_batch=2, max_len=8)
     compile_decode(tiny_model, cache)
