@@ -105,9 +105,12 @@ def main(argv: list[str] | None = None) -> None:
         table.add(name, rates[name], median(ts), spread(ts))
     ratios = Table(["ratio", "value"])
     hf_rate, hf_fused = rates["HF GPT2LMHeadModel"], rates["HF GPT2LMHeadModel + fused AdamW"]
-    ratios.add("ours / HF (target >= 1.2x)", f"{rates['ours'] / hf_rate:.2f}x")
-    ratios.add("ours / HF, both with fused AdamW", f"{rates['ours'] / hf_fused:.2f}x")
-    ratios.add("ours, unfused AdamW / HF", f"{rates['ours, unfused AdamW'] / hf_rate:.2f}x")
+    # The target compares like with like: the same optimizer on both sides, fused and unfused.
+    ratios.add("ours / HF, both with fused AdamW (target >= 1.2x)", f"{rates['ours'] / hf_fused:.2f}x")
+    ratios.add("ours / HF, both with torch's default AdamW (target >= 1.2x)",
+               f"{rates['ours, unfused AdamW'] / hf_rate:.2f}x")
+    ratios.add("ours (fused AdamW, training/'s choice) / HF (default AdamW)",
+               f"{rates['ours'] / hf_rate:.2f}x")
 
     header = (f"`{command_line(argv)}`\n\n{args.preset} shape, {ours.num_parameters():,} parameters, CPU "
               f"float32, batch {args.batch_size} x {args.block_size} = {tokens} tokens/step, dropout "
