@@ -230,8 +230,7 @@ def compile_rows_decode(model: GPT, cache: KVCache, **compile_options: Any) -> N
 
     def step(rows: list[int], tokens: list[int]) -> torch.Tensor:
         start = [cache.lengths[r] for r in rows]
-        if max(start) >= cache.max_len:  # the same error as the eager path, before the graph runs
-            raise ValueError(f"position {max(start)} is past the cache length {cache.max_len}")
+        cache.check_position(max(start))  # the eager path's error, before the graph runs
         with torch._inductor.config.patch(CPU_GEMM_CONFIG):
             return compiled(torch.tensor(tokens, device=device)[:, None], torch.tensor(rows, device=device),
                             torch.tensor(start, device=device), torch.arange(max(start) + 1, device=device))

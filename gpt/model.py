@@ -71,6 +71,11 @@ class KVCache(nn.Module):
         # Set by gpt.generate.compile_decode: (rows, tokens) -> logits (R, V), one decode step.
         self.compiled_step: Callable[[list[int], list[int]], torch.Tensor] | None = None
 
+    def check_position(self, position: int) -> None:
+        """Refuse a write at `position`, before anything is written, when the cache is too short."""
+        if position >= self.max_len:
+            raise ValueError(f"position {position} is past the cache length {self.max_len}")
+
     def free(self, row: int) -> None:
         # Stale keys beyond a row's length are never attended to, so freeing only resets the length.
         self.lengths[row] = 0
@@ -348,8 +353,7 @@ class GPT(nn.Module):
         position start[i]. Writes their keys and values into the cache; returns logits (R, T, V).
         Does not move `cache.lengths`: the callers in gpt/generate.py own that bookkeeping."""
         cache_rows = CacheRows.build(rows, start, idx.size(1), idx.device)
-        if cache_rows.length > cache.max_len:
-            raise ValueError(f"position {cache_rows.length - 1} is past the cache length {cache.max_len}")
+        cache.check_position(cache_rows.length - 1)
         return self.forward_rows(idx, cache, cache_rows)
 
     def forward_rows(self, idx: torch.Tensor, cache: KVCache, rows: CacheRows | DecodeRows) -> torch.Tensor:
