@@ -15,12 +15,15 @@ SAVE_DTYPES = ("float32", "float16", "bfloat16")
 class TrainConfig:
     out: str  # the checkpoint directory this run writes
     preset: str | None = None  # model shape; taken from the checkpoint with --init-from or --resume
+    n_layer: int | None = None  # these four override the preset's shape
+    n_head: int | None = None
+    n_embd: int | None = None
     corpus: str = DEFAULT_CORPUS
     data: str | None = None  # a UTF-8 text file to train on instead of a named corpus
     max_steps: int | None = None  # optimizer steps; when neither this nor epochs is set, DEFAULT_MAX_STEPS
     epochs: float | None = None  # passes over the training split, converted to steps
     batch_size: int = 32  # sequences per micro-batch, per process
-    block_size: int | None = None  # characters per training sequence; default: the model's whole context
+    block_size: int | None = None  # a new model's context; fine-tuning: characters per sequence (default all)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate: linear warmup to it, then cosine decay to MIN_LR_RATIO of it
     warmup_steps: int | None = None  # default: 5% of max_steps, at most 200
@@ -60,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-steps", type=int, help=f"optimizer steps to train to (default: {DEFAULT_MAX_STEPS})")
     add("--epochs", type=float, help="passes over the training split (instead of --max-steps)")
     add("--batch-size", type=int, help="sequences per micro-batch per process (default: 32)")
-    add("--block-size", type=int, help="characters per training sequence (default: the model's context)")
+    add("--n-layer", type=int, help="transformer blocks (overrides the preset's)")
+    add("--n-head", type=int, help="attention heads (overrides the preset's)")
+    add("--n-embd", type=int, help="width (overrides the preset's)")
+    add("--block-size", type=int, help="context of a new model, overriding the preset's, and the characters "
+        "per training sequence; with --init-from, a sequence length up to the model's context")
     add("--grad-accum", type=int, help="micro-batches per optimizer step (default: 1)")
     add("--lr", type=float, help="peak learning rate; warmup then cosine decay (default: 1e-3)")
     add("--warmup-steps", type=int, help="linear warmup steps (default: 5%% of the steps, at most 200)")

