@@ -8,24 +8,30 @@ import pytest
 import torch
 
 from gpt import GPT, PRESETS, CharTokenizer, GPTConfig, save_checkpoint
+from training import data
 
 # The suite's models are tiny: one thread beats two, whose hand-offs cost more than the work.
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
-# CI and these machines carry a copy beside the checkout; elsewhere `python -m training.data` fetches one.
-CORPUS_CANDIDATES = [
-    REPO.parent / "shared" / "data" / "julius_caesar.txt",
-    REPO / "data" / "julius_caesar.txt",
-]
+# The checkout's own data/ (git-ignored), where `python -m training.data` caches the verified corpus;
+# scripts/test runs it before pytest, so a fresh clone's suite has the corpus and skips nothing for
+# want of it.
+CORPUS_PATH = data.DEFAULT_CACHE_DIR / data.CORPORA["julius-caesar"]
+NO_CORPUS = (f"no Julius Caesar corpus at {CORPUS_PATH}: run `.venv/bin/python -m training.data` first "
+             "(scripts/test does), which fetches and verifies it into data/")
+
+
+def read_corpus() -> str:
+    """The verified Julius Caesar text from data/; fails (never skips) the caller when it is missing."""
+    if not CORPUS_PATH.is_file():
+        pytest.fail(NO_CORPUS, pytrace=False)
+    return data.load_corpus("julius-caesar").text  # checks the pinned sha256; no download, it is cached
 
 
 @pytest.fixture(scope="session")
 def corpus_text() -> str:
-    for path in CORPUS_CANDIDATES:
-        if path.is_file():
-            return path.read_text(encoding="utf-8")
-    pytest.skip("no Julius Caesar corpus: run `python -m training.data` first")
+    return read_corpus()
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,12 @@ from bench.convert_hf import check_same_logits, to_hf  # noqa: E402
 THREADS = str(torch.get_num_threads())  # leave the suite's thread setting as it was
 
 
+@pytest.fixture(autouse=True)
+def the_corpus_is_cached(corpus_text: str) -> None:
+    """bench.common takes its vocabulary and prompts from data/julius_caesar.txt: without it these tests
+    would run on a stand-in vocabulary; conftest's fixture fails instead, saying how to fetch it."""
+
+
 def test_hf_conversion_gives_our_logits(tiny_model, tokenizer):
     hf = to_hf(tiny_model)
     ids = tokenizer.encode("Friends, Romans, countrymen")

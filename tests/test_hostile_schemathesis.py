@@ -30,7 +30,7 @@ from schemathesis.specs.openapi.checks import (
 from gpt import CharTokenizer
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import CORPUS_CANDIDATES
+from tests.conftest import read_corpus
 from tests.server_utils import FakeEngine
 
 MAX_EXAMPLES = 60  # per operation
@@ -40,9 +40,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 def make_app() -> object:
     # Built at import: schemathesis reads the schema when it parametrizes the tests below.
-    corpus = next((p for p in CORPUS_CANDIDATES if p.is_file()), None)
-    text = corpus.read_text(encoding="utf-8") if corpus else "\nabcdefghijklmnopqrstuvwxyz ,.:;!?'"
-    engine = FakeEngine(CharTokenizer.from_text(text), text="Friends, Romans")
+    engine = FakeEngine(CharTokenizer.from_text(read_corpus()), text="Friends, Romans")
     return create_app(Settings(checkpoint=Path("caesar-test"), max_new_tokens=64, default_max_new_tokens=16),
                       engine=engine)
 
