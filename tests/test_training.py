@@ -188,3 +188,22 @@ def test_init_from_starts_at_the_checkpoint_it_fine_tunes(tmp_path, trained, sho
     tuned = load_checkpoint(tmp_path / "tuned")
     assert tuned.config["preset"] == "tiny"
     assert tuned.config["training"]["init_from"] == str(trained)
+    # Its config.json names the pre-training run too: command and corpus hash.
+    record = tuned.config["training"]["init_from_training"]
+    assert record["command"] == load_checkpoint(trained).config["training"]["command"]
+    assert record["corpus_sha256"] == load_checkpoint(trained).config["training"]["corpus_sha256"]
+
+
+def test_shape_flags_override_the_preset_and_the_checkpoint_records_the_shape(tmp_path, short_text):
+    out = tmp_path / "shaped"
+    training_main(["--preset", "tiny", "--n-layer", "3", "--n-head", "2", "--n-embd", "48",
+                   "--block-size", "32", "--data", str(short_text), "--out", str(out),
+                   "--max-steps", "2", "--eval-interval", "2"])
+    model = load_checkpoint(out).config["model"]
+    assert (model["n_layer"], model["n_head"], model["n_embd"], model["block_size"]) == (3, 2, 48, 32)
+
+
+def test_a_width_the_heads_do_not_divide_is_a_clear_error(tmp_path, short_text):
+    with pytest.raises(SystemExit, match="width \\(50\\) must be a multiple of the heads \\(4\\)"):
+        training_main(["--preset", "tiny", "--n-embd", "50", "--data", str(short_text),
+                       "--out", str(tmp_path / "bad"), "--max-steps", "2"])

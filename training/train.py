@@ -316,6 +316,9 @@ def train(config: TrainConfig, command: str | None = None, stop_at: int | None =
     if resume_state is not None and resume_state["corpus_sha256"] != corpus.sha256:
         raise ValueError(f"--resume: the corpus has changed (sha256 {corpus.sha256}, the run was "
                          f"trained on {resume_state['corpus_sha256']})")
+    # A fine-tuned checkpoint carries the record of the one it started from, so that its config.json
+    # alone names every command and corpus hash that reproduce it.
+    init_from_training = read_config(config.init_from).get("training") if config.init_from else None
     train_ids, val_ids = split(encode_corpus(corpus, tokenizer))
     block_size = config.block_size or model.config.block_size
     if block_size > model.config.block_size:
@@ -373,7 +376,8 @@ def train(config: TrainConfig, command: str | None = None, stop_at: int | None =
             "train_loss": round(train_loss, 6), "corpus": corpus.name, "corpus_sha256": corpus.sha256,
             "command": command, "world_size": world.world_size, "tokens_seen": tokens_seen,
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "init_from": config.init_from, "split": "last 10% of the corpus held out",
+            "init_from": config.init_from, "init_from_training": init_from_training,
+            "split": "last 10% of the corpus held out",
             "hyperparameters": config.to_dict() | {"max_steps": max_steps, "block_size": block_size},
         }
 
