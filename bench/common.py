@@ -14,7 +14,6 @@ import platform
 import re
 import socket
 import statistics
-import string
 import subprocess
 import tempfile
 import time
@@ -26,12 +25,11 @@ import torch
 
 from gpt import GPT, PRESETS, CharTokenizer, GPTConfig, save_checkpoint
 from gpt import model as gpt_model
+from training.data import load_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
 SHIPPED_CHECKPOINT = REPO / "checkpoints" / "caesar-small"
-CORPUS_CANDIDATES = [REPO.parent / "shared" / "data" / "julius_caesar.txt",
-                     REPO / "data" / "julius_caesar.txt"]
 
 
 def base_parser(description: str, threads: int | None = 2,
@@ -60,25 +58,20 @@ def set_threads(threads: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # for child processes
 
 
-def corpus_text() -> str | None:
-    for path in CORPUS_CANDIDATES:
-        if path.is_file():
-            return path.read_text(encoding="utf-8")
-    return None
+def corpus_text() -> str:
+    """The play, fetched and verified into data/ on first use (training.data)."""
+    return load_corpus("julius-caesar").text
 
 
 def tokenizer() -> CharTokenizer:
-    """The corpus's 65-character vocabulary; without a corpus, 65 printable characters instead."""
-    text = corpus_text()
-    if text is None:
-        text = "\n" + string.printable[:64]
-    return CharTokenizer.from_text(text)
+    """The corpus's 65-character vocabulary."""
+    return CharTokenizer.from_text(corpus_text())
 
 
 def prompt_of(length: int) -> str:
-    """The first `length` characters of the play (a fixed, readable prompt)."""
-    text = corpus_text() or "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar. " * 20
-    start = text.find("Friends, Romans") if "Friends, Romans" in text else 0
+    """`length` characters of the play from "Friends, Romans" on (a fixed, readable prompt)."""
+    text = corpus_text()
+    start = text.index("Friends, Romans")
     return text[start:start + length]
 
 

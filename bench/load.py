@@ -58,7 +58,6 @@ MIB = 1 << 20
 KEEPALIVE_EXPIRY_S = 2.0
 MAX_PROMPT_CHARS = 200
 STOP_CHOICES: list[list[str]] = [[], [], [], ["\n\n"], ["the", "CAESAR"], ["."]]
-FALLBACK_TEXT = "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him.\n"
 
 
 @dataclass(frozen=True)
@@ -156,7 +155,7 @@ class Planner:
         self.config = config
         self.model = model
         self.max_new = max(1, min(config.max_new_tokens, max_new_cap))
-        self.text = corpus_text() or FALLBACK_TEXT * 50
+        self.text = corpus_text()
 
     def prompt(self, rng: random.Random) -> str:
         start = rng.randrange(len(self.text))

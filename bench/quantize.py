@@ -37,6 +37,7 @@ from bench.common import (
 )
 from gpt import GPT, SamplingParams, generate, load_checkpoint
 from gpt import model as gpt_model
+from training.data import split
 
 
 def int8_dynamic(model: GPT) -> nn.Module:
@@ -96,11 +97,7 @@ def main(argv: list[str] | None = None) -> None:
                                else random_checkpoint("small"))
     loaded = load_checkpoint(path)
     tok, model = loaded.tokenizer, loaded.model
-    text = corpus_text()
-    held_out = None
-    if text is not None:
-        all_ids = torch.tensor(tok.encode(text), dtype=torch.long)
-        held_out = all_ids[int(len(all_ids) * 0.9):]  # the last 10%, as training/ holds out
+    _, held_out = split(torch.tensor(tok.encode(corpus_text()), dtype=torch.long))
     prompt_ids = tok.encode(prompt_of(min(64, model.config.block_size // 4)))
     speed_model = random_model(args.speed_preset, tok.vocab_size)
 
@@ -115,8 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(repeats):
             for name, m in models.items():
                 rates[group].setdefault(name, []).append(decode_rate(m, prompt_ids, new))
-    losses = {name: held_out_loss(m, held_out, model.config.block_size) if held_out is not None
-              else float("nan") for name, m in shipped.items()}
+    losses = {name: held_out_loss(m, held_out, model.config.block_size) for name, m in shipped.items()}
     base_speed = median(rates["speed"]["float32"])
     for name in shipped:
         table.add(name, f"{losses[name]:.4f}", f"{losses[name] - losses['float32']:+.4f}",

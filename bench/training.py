@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     ours.train()
     hf.train()
 
-    text = corpus_text() or "Friends, Romans, countrymen, lend me your ears. " * 400
+    text = corpus_text()
     ids = torch.tensor(tok.encode(text[: 200_000]))
     g = torch.Generator().manual_seed(0)
     starts = torch.randint(0, len(ids) - args.block_size - 1, (args.batch_size,), generator=g)
