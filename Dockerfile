@@ -1,25 +1,33 @@
 # caesar-gpt: one image that serves the model (the default command) and trains it (`python -m training ...`).
 #
-#   GPU image (default base):  docker build -t caesar-gpt:cuda .
-#   CPU image:                 docker build -t caesar-gpt:cpu --build-arg BASE_IMAGE=python:3.11-slim .
+#   GPU image (the default):  docker build -t caesar-gpt:cuda .
+#   CPU image:                docker build -t caesar-gpt:cpu \
+#                                 --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
 #
-# The base needs Python >= 3.11 with pip. A base that ships torch (pytorch/pytorch) keeps its own CUDA build;
-# any other base gets constraints.txt's torch from TORCH_INDEX_URL, the CPU-only wheels by default
-# (see deploy/install-deps.sh).
-ARG BASE_IMAGE=pytorch/pytorch:2.8.0-cuda12.9-cudnn9-runtime
+# Both install exactly constraints.txt's torch, the version every test ran (deploy/install-deps.sh; a torch of
+# another version in the base would be replaced, never kept). They differ only in where that torch comes from:
+# - GPU: PyPI, whose Linux x86_64 torch wheel is the CUDA build (torch 2.13.0: CUDA 13.0), with the CUDA
+#   libraries it needs (cuBLAS, cuDNN, NCCL, ...) as pip packages that torch's metadata pins. So the base needs
+#   no CUDA of its own; the host needs an NVIDIA driver new enough for that CUDA (R580 or newer for 13.0) and
+#   the NVIDIA Container Toolkit, which mounts the driver in.
+# - CPU: PyTorch's CPU index, the CPU-only build of the same version (no CUDA libraries: several GB smaller).
+# The base needs Python >= 3.11 with pip, and no torch.
+ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Where constraints.txt's torch is installed from: PyPI's CUDA build unless given the CPU index (see above).
+ARG TORCH_INDEX_URL=https://pypi.org/simple
 
 # PYTHONPATH lets `python -m service` / `python -m training` run from any working directory (a k8s Job's,
-# say). HOME and MPLCONFIGDIR must be writable by whatever UID runs the container.
+# say). HOME and MPLCONFIGDIR must be writable by whatever UID runs the container. NVIDIA_DRIVER_CAPABILITIES:
+# the NVIDIA Container Toolkit mounts the CUDA driver libraries (compute), not only nvidia-smi (utility).
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONPATH=/app \
     HOME=/home/caesar \
     MPLCONFIGDIR=/tmp/matplotlib \
-    CAESAR_CHECKPOINT=/app/checkpoints/caesar-small
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 WORKDIR /app
 
@@ -34,8 +42,13 @@ RUN useradd --uid 10001 --gid 0 --home-dir /home/caesar --create-home --shell /u
     && chown 10001:0 /app/data \
     && chmod g+rwx /home/caesar /app/data
 
-# The checkpoint first: it changes less often than the code.
-COPY checkpoints/caesar-small/ checkpoints/caesar-small/
+# The checkpoint the image ships and serves by default, relative to /app; this ARG is the one line that names
+# it (tests/test_deploy.py checks that .dockerignore admits it and that docker-compose.yml's api defaults to
+# it). Declared here, after the dependencies, so that changing it rebuilds only the layers below. The
+# checkpoint before the code: it changes less often.
+ARG CHECKPOINT=checkpoints/caesar-small
+ENV CAESAR_CHECKPOINT=/app/${CHECKPOINT}
+COPY ${CHECKPOINT}/ ${CHECKPOINT}/
 COPY gpt/ gpt/
 COPY training/ training/
 

@@ -5,44 +5,80 @@
 #
 # Made for machines that reach only package registries (PyPI, Debian), never a container registry: the base
 # image is a Debian bookworm root filesystem made by debootstrap, with python3 and a virtual environment on
-# PATH, standing in for python:3.11-slim. Everything podman stores stays under $WORK (vfs storage, chroot
+# PATH, standing in for python:3.11-slim. Everything podman stores stays under $WORK (its own storage, chroot
 # isolation, Docker image format, its own containers.conf), so the host's container set-up is left alone.
 #
 # Usage, as root, from anywhere:  deploy/podman-compose-flow.sh [--base-only]
-# Needs (Debian): podman buildah debootstrap docker-compose tini, and python3 with PyYAML (the repo's .venv).
+# On Debian it installs what it lacks with apt-get: podman buildah debootstrap catatonit runc docker-compose
+# (1.29) python3-yaml. It uses Debian's python3 (with PyYAML), not the repository's .venv.
 # Environment:
 #   WORK             scratch folder for storage, rootfs, sockets and checkpoints (default /tmp/caesar-podman)
 #   DEBIAN_MIRROR    where debootstrap fetches bookworm (default http://deb.debian.org/debian)
 #   TORCH_WHEEL_DIR  a folder holding a torch CPU wheel to serve as the image build's TORCH_INDEX_URL, for
 #                    machines that cannot reach the PyTorch index (default: /opt/wheels when it holds one)
 #   API_PORT         host port for the API (default 18000)
+#   STORAGE_DRIVER   overlay where the kernel can mount overlayfs in $WORK (tried first), else vfs. vfs copies
+#                    the whole root filesystem for every build step and container: about 25 GB of disk at the
+#                    peak and minutes more than overlay for this image.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${WORK:-/tmp/caesar-podman}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 API_PORT=${API_PORT:-18000}
-PYTHON=${PYTHON:-$REPO/.venv/bin/python}
+PYTHON=${PYTHON:-/usr/bin/python3}  # a Python with PyYAML, for editing the compose file
 BASE_IMAGE=localhost/caesar-base:bookworm
 IMAGE=localhost/caesar-gpt:cpu
 PROJECT=caesarflow
 
 log() { printf '\n== %s  %s\n' "$(date +%T)" "$*"; }
 
+# --- 0. Debian packages ------------------------------------------------------------------------------------
+# catatonit: podman's init (/usr/libexec/podman/catatonit), which compose's `init: true` asks for. runc: see
+# containers.conf below. python3-yaml: PyYAML for $PYTHON.
+packages=(podman buildah debootstrap catatonit runc docker-compose python3-yaml)
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f '${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    log "apt-get install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+"$PYTHON" -c 'import yaml' || { echo "$PYTHON has no PyYAML (PYTHON names the Python to use)" >&2; exit 1; }
+
 mkdir -p "$WORK"
+if [ -z "${STORAGE_DRIVER:-}" ]; then
+    probe=$(mktemp -d "$WORK/overlay-probe.XXXXXX")
+    mkdir "$probe/lower" "$probe/upper" "$probe/work" "$probe/merged"
+    STORAGE_DRIVER=vfs
+    if mount -t overlay overlay -o "lowerdir=$probe/lower,upperdir=$probe/upper,workdir=$probe/work" \
+        "$probe/merged" 2>/dev/null; then
+        umount "$probe/merged"
+        STORAGE_DRIVER=overlay
+    fi
+    rm -rf "$probe"
+fi
+log "storage driver: $STORAGE_DRIVER"
 # vfs needs no overlay support from the kernel; chroot isolation needs no nested user namespaces. The
-# ulimits: podman's default copies the host's limits, which a sandboxed runtime may refuse to set.
+# ulimits: podman's default copies the host's limits, which a sandboxed runtime may refuse to set. runc, not
+# Debian's default crun 1.8: on a host with hybrid cgroups (v1 controllers beside a cgroup2 mount that has
+# controllers enabled) crun refuses to start any container ("cgroups in hybrid mode not supported"), which
+# docker-compose's `run` reports only as "unable to upgrade to tcp, received 409" when it attaches.
 cat > "$WORK/containers.conf" <<EOF
 [containers]
 default_ulimits = ["nofile=20000:20000", "nproc=1000:1000"]
-init_path = "/usr/bin/tini"
 
 [engine]
+runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
 EOF
 export CONTAINERS_CONF=$WORK/containers.conf
-STORAGE=(--root "$WORK/storage" --runroot "$WORK/run" --storage-driver vfs)
+STORAGE=(--root "$WORK/storage-$STORAGE_DRIVER" --runroot "$WORK/run-$STORAGE_DRIVER"
+         --storage-driver "$STORAGE_DRIVER")
 podman() { command podman "${STORAGE[@]}" "$@"; }
 buildah() { command buildah "${STORAGE[@]}" "$@"; }
 
@@ -73,9 +109,11 @@ fi
 [ "${1:-}" = "--base-only" ] && exit 0
 
 # --- 2. The CPU image, from the project's Dockerfile -----------------------------------------------------
-torch_index_args=()
+# The CPU image: torch from PyTorch's CPU index, at constraints.txt's pin (install-deps.sh installs the pin).
+torch_pin=$(sed -n 's/^torch==//p' "$REPO/constraints.txt")
+torch_index_args=(--build-arg "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu")
 TORCH_WHEEL_DIR=${TORCH_WHEEL_DIR:-/opt/wheels}
-torch_wheel=$(find "$TORCH_WHEEL_DIR" -maxdepth 1 -name 'torch-*+cpu-*.whl' 2>/dev/null | sort | tail -n 1)
+torch_wheel=$(find "$TORCH_WHEEL_DIR" -maxdepth 1 -name "torch-$torch_pin+cpu-*.whl" 2>/dev/null | sort | tail -n 1)
 index_server_pid=
 cleanup() {
     set +e
@@ -95,7 +133,19 @@ if [ -n "$torch_wheel" ]; then
     name=$(basename "$torch_wheel")
     printf '<!DOCTYPE html><html><body><a href="%s">%s</a></body></html>\n' "$name" "$name" \
         > "$index_root/simple/torch/index.html"
-    index_port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    # A fixed port where it is free: TORCH_INDEX_URL is a build argument, so a new URL would rebuild the
+    # dependency layer on every run instead of taking it from the cache.
+    index_port=$("$PYTHON" - <<'EOF'
+import socket
+
+with socket.socket() as s:
+    try:
+        s.bind(("127.0.0.1", 18099))
+    except OSError:
+        s.bind(("127.0.0.1", 0))
+    print(s.getsockname()[1])
+EOF
+)
     "$PYTHON" -m http.server --bind 127.0.0.1 --directory "$index_root" "$index_port" \
         > "$WORK/torch-index.log" 2>&1 &
     index_server_pid=$!
@@ -114,7 +164,9 @@ podman image inspect --format 'user={{.Config.User}} cmd={{.Config.Cmd}} healthc
 log "podman system service"
 socket=$WORK/podman.sock
 rm -f "$socket"
-podman system service --time 0 "unix://$socket" > "$WORK/podman-service.log" 2>&1 &
+# `command podman`, not the podman function: a function in the background runs in a subshell, and killing
+# that subshell's PID at the end would leave the service running.
+command podman "${STORAGE[@]}" system service --time 0 "unix://$socket" > "$WORK/podman-service.log" 2>&1 &
 podman_service_pid=$!
 for _ in $(seq 50); do [ -S "$socket" ] && break; sleep 0.2; done
 export DOCKER_HOST=unix://$socket
@@ -122,9 +174,14 @@ export DOCKER_HOST=unix://$socket
 export COMPOSE_HTTP_TIMEOUT=600
 
 # docker-compose.yml reserves an NVIDIA GPU for api and train; this CPU machine has none, so the flow runs
-# a copy of the same file with only the `deploy` GPU reservations removed.
+# a copy of the same file with the `deploy` GPU reservations removed, and one podman bug worked around:
+# podman's Docker API (bookworm's 4.3, and later ones until containers/podman#27818) splits each argument of
+# a ["CMD", ...] health check at whitespace (containers/podman#26519), so that `python -c "import
+# urllib.request; ..."` runs as `python -c import ...` and never passes. The copy gives the same command as
+# ["CMD-SHELL", "<the arguments, shell-quoted>"], which it passes intact.
 compose_file=$WORK/docker-compose.cpu.yml
 "$PYTHON" - "$REPO/docker-compose.yml" "$compose_file" <<'EOF'
+import shlex
 import sys
 
 import yaml
@@ -133,12 +190,16 @@ with open(sys.argv[1]) as f:
     compose = yaml.safe_load(f)
 for service in compose["services"].values():
     service.pop("deploy", None)
+    test = service.get("healthcheck", {}).get("test")
+    if test and test[0] == "CMD":
+        service["healthcheck"]["test"] = ["CMD-SHELL", shlex.join(test[1:])]
 compose = {key: value for key, value in compose.items() if not key.startswith("x-")}
 with open(sys.argv[2], "w") as f:
     yaml.safe_dump(compose, f, sort_keys=False)
 EOF
 
 models=$WORK/models
+rm -rf "$models"  # a previous run's checkpoint: training refuses to overwrite it
 mkdir -p "$models"
 chown 10001:0 "$models"
 export CAESAR_IMAGE=$IMAGE CAESAR_MODELS_DIR=$models CAESAR_CHECKPOINT=/models/tiny CAESAR_DEVICE=cpu
@@ -162,6 +223,15 @@ for i in $(seq 120); do
     sleep 1
 done
 compose ps
+# Without systemd podman schedules no health checks (its service log says so), so run api's health check (the
+# compose file's) once by hand, inside the container: it must pass now that /ready answers 200.
+api_id=$(compose ps -q api)
+if ! podman healthcheck run "$api_id"; then
+    podman inspect --format '{{json .State.Health}}' "$api_id" >&2
+    echo "api's health check fails" >&2
+    exit 1
+fi
+echo "api's health check passes"
 
 log "one generation"
 "$PYTHON" - "$API_PORT" <<'EOF'
@@ -181,4 +251,7 @@ EOF
 log "compose: logs and stop"
 compose logs --tail 20 api
 compose stop --timeout 45 api
+# SIGTERM reached the service through compose's init (catatonit): it drained and exited 0, not killed.
+exit_code=$(podman inspect --format '{{.State.ExitCode}}' "$api_id")
+[ "$exit_code" = 0 ] || { echo "api exited with $exit_code after stop" >&2; exit 1; }
 log "done"

@@ -1,8 +1,10 @@
 """Deployment files, checked as far as a machine without a Docker engine can.
 
 - Dockerfile: hadolint, and its instructions read back (numeric non-root user, dependencies before source,
-  exec-form CMD, EXPOSE 8000, a curl-free HEALTHCHECK on /ready); then the image's exact CMD and HEALTHCHECK
-  commands are run here, against the tiny checkpoint on a free port.
+  exec-form CMD, EXPOSE 8000, a curl-free HEALTHCHECK on /ready, the checkpoint named once); then the image's
+  exact CMD and HEALTHCHECK commands are run here, against the tiny checkpoint on a free port.
+- deploy/install-deps.sh: run here with a stand-in `python` whose pip only records what it is asked, for the
+  GPU and the CPU image, over a base that ships another torch: both end with constraints.txt's torch.
 - docker-compose.yml: the compose-spec JSON schema, Debian's docker-compose 1.29, and its services read back.
 - deploy/nginx/nginx.conf: run by a real nginx in front of a real service, streaming without buffering.
 - deploy/k8s/: kubernetes-validate against a pinned Kubernetes version, and the manifests read back.
@@ -37,6 +39,7 @@ from gpt import GPT, CharTokenizer, GPTConfig, save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
+INSTALL_DEPS = REPO / "deploy" / "install-deps.sh"
 COMPOSE_FILE = REPO / "docker-compose.yml"
 NGINX_CONF = REPO / "deploy" / "nginx" / "nginx.conf"
 K8S_DIR = REPO / "deploy" / "k8s"
@@ -84,6 +87,20 @@ def parse_dockerfile(text: str) -> list[Instruction]:
     return instructions
 
 
+def expand_args(instructions: list[Instruction]) -> list[Instruction]:
+    """`${NAME}` replaced by the default of the ARG NAME declared above it, as a build without --build-arg."""
+    defaults: dict[str, str] = {}
+    expanded = []
+    for instruction in instructions:
+        arguments = re.sub(r"\$\{(\w+)\}", lambda m: defaults.get(m.group(1), m.group(0)),
+                           instruction.arguments)
+        if instruction.keyword == "ARG" and "=" in arguments:
+            name, _, default = arguments.partition("=")
+            defaults[name] = default
+        expanded.append(Instruction(instruction.keyword, arguments))
+    return expanded
+
+
 def exec_form(arguments: str) -> list[str]:
     """The JSON array of an exec-form CMD/HEALTHCHECK; fails the test on shell form."""
     try:
@@ -96,7 +113,8 @@ def exec_form(arguments: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def dockerfile() -> list[Instruction]:
-    return parse_dockerfile(DOCKERFILE.read_text())
+    """The Dockerfile's instructions with its build arguments at their defaults."""
+    return expand_args(parse_dockerfile(DOCKERFILE.read_text()))
 
 
 def only(instructions: list[Instruction], keyword: str) -> Instruction:
@@ -139,14 +157,115 @@ def test_dockerfile_passes_hadolint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dockerfile_defaults_to_a_cuda_pytorch_base_and_installs_cpu_torch_elsewhere(
-        dockerfile: list[Instruction]) -> None:
+def torch_pin() -> str:
+    [pin] = [line.removeprefix("torch==") for line in (REPO / "constraints.txt").read_text().splitlines()
+             if line.startswith("torch==")]
+    return pin
+
+
+def cpu_torch_index(dockerfile_text: str) -> str:
+    """The TORCH_INDEX_URL of the CPU image's build command, as the Dockerfile's header documents it."""
+    [url] = re.findall(r"--build-arg TORCH_INDEX_URL=(\S+)", dockerfile_text)
+    return url
+
+
+def test_the_default_base_brings_no_torch_and_compose_builds_from_the_same_one(
+        dockerfile: list[Instruction], compose: dict) -> None:
     base_image = arg_default(dockerfile, "BASE_IMAGE")
-    assert base_image.startswith("pytorch/pytorch:") and "cuda" in base_image and "runtime" in base_image
-    assert only(dockerfile, "FROM").arguments == "${BASE_IMAGE}"
-    assert arg_default(dockerfile, "TORCH_INDEX_URL").endswith("/whl/cpu")
-    installer = (REPO / "deploy" / "install-deps.sh").read_text()
-    assert '--index-url "${TORCH_INDEX_URL' in installer and "--no-deps" in installer
+    assert "FROM ${BASE_IMAGE}" in DOCKERFILE.read_text().splitlines()
+    # A python image: Python >= 3.11 (the version constraints.txt was resolved for) and pip, without torch,
+    # so what install-deps.sh installs is the only torch in the image.
+    assert re.fullmatch(r"python:3\.1[1-9](\.\d+)?-slim(-\w+)?", base_image), base_image
+    build_args = compose["x-image"]["build"]["args"]
+    assert interpolation_default(build_args["BASE_IMAGE"]) == base_image
+    # The GPU image takes torch from PyPI, whose Linux x86_64 wheel is the CUDA build; the CPU image from
+    # PyTorch's CPU index.
+    assert arg_default(dockerfile, "TORCH_INDEX_URL") == "https://pypi.org/simple"
+    assert cpu_torch_index(DOCKERFILE.read_text()) == "https://download.pytorch.org/whl/cpu"
+
+
+def test_pyproject_requires_at_least_the_pinned_torch() -> None:
+    import tomllib
+
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"torch>={torch_pin()}" in dependencies
+
+
+# Stands in for pip: records each call (with the contents of the files it names, which the script deletes) and
+# "installs" a torch==X requirement into the fake site-packages, replacing the torch there as pip would.
+FAKE_PIP = r"""
+import json, os, re, sys
+args = sys.argv[1:]
+files = {a: open(a).read() for a in args if os.path.isfile(a)}
+with open(os.environ["FAKE_PIP_LOG"], "a") as log:
+    log.write(json.dumps({"args": args, "files": files}) + "\n")
+for arg in args:
+    pinned = re.fullmatch(r"torch==(\S+)", arg)
+    if pinned and os.environ.get("FAKE_PIP_INSTALLS") == "1":
+        local = "+cpu" if any(a.endswith("/whl/cpu") for a in args) else ""
+        with open(os.path.join(os.environ["FAKE_SITE"], "torch", "__init__.py"), "w") as module:
+            module.write(f"__version__ = {pinned.group(1) + local!r}\n")
+            module.write(f"class version:\n    cuda = {None if local else '13.0'!r}\n")
+"""
+
+
+def run_install_deps(tmp_path: Path, torch_index_url: str, *, pip_installs: bool = True,
+                     base_torch: str = "2.8.0") -> tuple[subprocess.CompletedProcess[str], list[dict]]:
+    """deploy/install-deps.sh as the Dockerfile runs it (from /app, beside pyproject.toml and constraints.txt,
+    TORCH_INDEX_URL from the build argument), over a base whose Python already has torch `base_torch`."""
+    app, bin_dir, site = tmp_path / "app", tmp_path / "bin", tmp_path / "site"
+    for folder in (app, bin_dir, site / "torch"):
+        folder.mkdir(parents=True)
+    for name in ("pyproject.toml", "constraints.txt"):
+        shutil.copy(REPO / name, app / name)
+    (site / "torch" / "__init__.py").write_text(
+        f"__version__ = {base_torch!r}\nclass version:\n    cuda = '12.9'\n")
+    (tmp_path / "fake_pip.py").write_text(FAKE_PIP)
+    python = bin_dir / "python"
+    python.write_text(f"""#!/bin/sh
+if [ "$1" = -m ] && [ "$2" = pip ]; then shift 2; exec {sys.executable} {tmp_path / 'fake_pip.py'} "$@"; fi
+exec {sys.executable} "$@"
+""")
+    python.chmod(0o755)
+    log = tmp_path / "pip.log"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHONPATH": str(site), "TORCH_INDEX_URL": torch_index_url,
+           "FAKE_PIP_LOG": str(log), "FAKE_SITE": str(site),
+           "FAKE_PIP_INSTALLS": "1" if pip_installs else "0"}
+    result = subprocess.run(["sh", str(INSTALL_DEPS)], cwd=app, env=env, capture_output=True, text=True,
+                            timeout=60)
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return result, calls
+
+
+@pytest.mark.parametrize("image", ["gpu", "cpu"])
+def test_install_deps_gives_exactly_the_pinned_torch_over_a_base_with_another(
+        image: str, dockerfile: list[Instruction], tmp_path: Path) -> None:
+    dockerfile_text = DOCKERFILE.read_text()
+    index = arg_default(dockerfile, "TORCH_INDEX_URL") if image == "gpu" else cpu_torch_index(dockerfile_text)
+    result, calls = run_install_deps(tmp_path, index, base_torch="2.8.0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    pin = torch_pin()
+    [torch_install, requirements_install] = calls
+    # torch alone, from the image's index, at the pin, whatever torch was there.
+    args = torch_install["args"]
+    assert args[0] == "install" and args[-1] == f"torch=={pin}" and "--no-deps" in args
+    assert args[args.index("--index-url") + 1] == index
+    # Then the runtime requirements under constraints.txt itself, whose torch line is the same pin.
+    args = requirements_install["args"]
+    constraints = args[args.index("-c") + 1]
+    assert constraints == "constraints.txt"
+    assert f"torch=={pin}" in (REPO / "constraints.txt").read_text().splitlines()
+    requirements = requirements_install["files"][args[args.index("-r") + 1]].splitlines()
+    assert f"torch>={pin}" in requirements and "--index-url" not in args
+    # The script's own last step reads the installed torch back.
+    expected = f"torch {pin}+cpu, CUDA build None" if image == "cpu" else f"torch {pin}, CUDA build 13.0"
+    assert expected in result.stdout
+
+
+def test_install_deps_fails_the_build_when_the_installed_torch_is_not_the_pin(tmp_path: Path) -> None:
+    result, _ = run_install_deps(tmp_path, "https://pypi.org/simple", pip_installs=False, base_torch="2.8.0")
+    assert result.returncode != 0
+    assert f"torch 2.8.0 is not the pinned {torch_pin()}" in result.stderr
 
 
 def test_dockerfile_installs_dependencies_before_copying_the_source(dockerfile: list[Instruction]) -> None:
@@ -158,7 +277,7 @@ def test_dockerfile_installs_dependencies_before_copying_the_source(dockerfile: 
         if n < install:
             assert set(dockerfile[n].arguments.split()[:-1]) <= dependency_files, dockerfile[n]
         else:
-            assert source.rstrip("/") in {"gpt", "training", "service", "checkpoints/caesar-small"}, source
+            assert source.rstrip("/") in {"gpt", "training", "service", arg_default(dockerfile, "CHECKPOINT")}
     assert keywords.count("COPY") >= 5
 
 
@@ -170,11 +289,14 @@ def test_dockerfile_runs_as_a_numeric_non_root_user(dockerfile: list[Instruction
     assert gid in {"", "0"} or gid.isdigit()
 
 
-def test_dockerfile_ships_the_checkpoint_it_serves(dockerfile: list[Instruction]) -> None:
+def test_dockerfile_ships_the_checkpoint_it_serves_and_names_it_once(dockerfile: list[Instruction]) -> None:
+    checkpoint = arg_default(dockerfile, "CHECKPOINT")
     copies = [i.arguments.split() for i in dockerfile if i.keyword == "COPY"]
-    assert ["checkpoints/caesar-small/", "checkpoints/caesar-small/"] in copies
-    assert image_env(dockerfile)["CAESAR_CHECKPOINT"] == f"{IMAGE_WORKDIR}/checkpoints/caesar-small"
+    assert [f"{checkpoint}/", f"{checkpoint}/"] in copies
+    assert image_env(dockerfile)["CAESAR_CHECKPOINT"] == f"{IMAGE_WORKDIR}/{checkpoint}"
     assert only(dockerfile, "WORKDIR").arguments == IMAGE_WORKDIR
+    assert DOCKERFILE.read_text().count(checkpoint) == 1, "name the shipped checkpoint in ARG CHECKPOINT only"
+    assert {"model.safetensors", "config.json"} <= {path.name for path in (REPO / checkpoint).iterdir()}
 
 
 def test_dockerfile_exposes_8000_and_starts_the_service_in_exec_form(dockerfile: list[Instruction]) -> None:
@@ -215,7 +337,8 @@ def test_dockerignore_keeps_local_state_out_and_the_image_inputs_in(dockerfile: 
         if instruction.keyword == "COPY":
             for source in instruction.arguments.split()[:-1]:
                 assert not dockerignore_excludes(patterns, source.rstrip("/")), f"{source} is ignored"
-    assert not dockerignore_excludes(patterns, "checkpoints/caesar-small/model.safetensors")
+    checkpoint = arg_default(dockerfile, "CHECKPOINT")
+    assert not dockerignore_excludes(patterns, f"{checkpoint}/model.safetensors")
 
 
 def free_port() -> int:
@@ -335,10 +458,12 @@ def test_compose_file_avoids_keys_that_docker_compose_1_29_rejects(compose: dict
     assert all("gpus" not in service for service in compose["services"].values())
 
 
-def test_compose_api_serves_the_shipped_checkpoint_on_a_gpu_by_default(compose: dict) -> None:
+def test_compose_api_serves_the_shipped_checkpoint_on_a_gpu_by_default(
+        compose: dict, dockerfile: list[Instruction]) -> None:
     api = compose["services"]["api"]
     assert "profiles" not in api, "`docker compose up` with no profile must start api"
-    assert interpolation_default(api["environment"]["CAESAR_CHECKPOINT"]) == "/app/checkpoints/caesar-small"
+    shipped = image_env(dockerfile)["CAESAR_CHECKPOINT"]
+    assert interpolation_default(api["environment"]["CAESAR_CHECKPOINT"]) == shipped
     [gpu] = api["deploy"]["resources"]["reservations"]["devices"]
     assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
     assert api["init"] is True
@@ -513,6 +638,9 @@ def test_k8s_training_jobs_use_one_gpu_and_one_process_per_gpu() -> None:
         assert job["args"][job["args"].index("--out") + 1] == served, "the API serves what training writes"
 
 
-def test_podman_flow_script_parses() -> None:
-    result = run_tool("bash", "-n", str(REPO / "deploy" / "podman-compose-flow.sh"))
+def test_podman_flow_script_parses_and_builds_the_cpu_image() -> None:
+    flow = REPO / "deploy" / "podman-compose-flow.sh"
+    result = run_tool("bash", "-n", str(flow))
     assert result.returncode == 0, result.stderr
+    # The flow (run by .ci/run) builds the CPU image the way the Dockerfile documents it.
+    assert f'"TORCH_INDEX_URL={cpu_torch_index(DOCKERFILE.read_text())}"' in flow.read_text()
