@@ -46,7 +46,7 @@ RUN useradd --uid 10001 --gid 0 --home-dir /home/caesar --create-home --shell /u
 # it (tests/test_deploy.py checks that .dockerignore admits it and that docker-compose.yml's api defaults to
 # it). Declared here, after the dependencies, so that changing it rebuilds only the layers below. The
 # checkpoint before the code: it changes less often.
-ARG CHECKPOINT=checkpoints/caesar-small
+ARG CHECKPOINT=checkpoints/caesar
 ENV CAESAR_CHECKPOINT=/app/${CHECKPOINT}
 COPY ${CHECKPOINT}/ ${CHECKPOINT}/
 COPY gpt/ gpt/

@@ -29,7 +29,7 @@ from training.data import load_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
-SHIPPED_CHECKPOINT = REPO / "checkpoints" / "caesar-small"
+SHIPPED_CHECKPOINT = REPO / "checkpoints" / "caesar"
 
 
 def base_parser(description: str, threads: int | None = 2,

@@ -1,7 +1,7 @@
 """The naive service, as most tutorials ship it: a FastAPI endpoint that calls Hugging Face
 `generate` for each request, one request at a time. The peer for bench/serving.py.
 
-    .venv/bin/python -m bench.naive_service --checkpoint checkpoints/caesar-small --port 8100
+    .venv/bin/python -m bench.naive_service --checkpoint checkpoints/caesar --port 8100
 
 It is given every fair advantage: the same weights (converted from our checkpoint), the same
 threads, and it streams each character as HF's streamer hands it over (TGI's SSE framing, so the

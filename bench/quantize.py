@@ -4,7 +4,7 @@ held-out loss each one costs.
     .venv/bin/python -m bench.quantize            # 256 new characters, 3 repeats
     .venv/bin/python -m bench.quantize --quick    # 64 new characters, 1 repeat
 
-Loss: the shipped checkpoint (checkpoints/caesar-small; a random `small` until it exists) on the
+Loss: the shipped checkpoint (checkpoints/caesar; a random `small` until it exists) on the
 held-out last 10% of the corpus, scored by training/'s evaluation. Speed: batch 1 greedy decode
 through the KV cache, on the same checkpoint and on a random model of --speed-preset (seed).
 """

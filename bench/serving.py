@@ -11,7 +11,7 @@ the servers (all stay up, the idle ones cost nothing), level by level, and the w
 repeated (`--repeats`): rates are medians over the rounds, time to first character and latency
 percentiles over every request. `ours N / 1` is our aggregate characters/s at N streams over our
 one-stream figure of the same round (median over rounds): what batching pays.
-Weights: the shipped checkpoint (checkpoints/caesar-small) when present, else a random `small`.
+Weights: the shipped checkpoint (checkpoints/caesar) when present, else a random `small`.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.checkpoint:
         checkpoint, which = args.checkpoint, str(args.checkpoint)
     elif (SHIPPED_CHECKPOINT / "config.json").is_file():
-        checkpoint, which = SHIPPED_CHECKPOINT, "the shipped checkpoint (checkpoints/caesar-small)"
+        checkpoint, which = SHIPPED_CHECKPOINT, "the shipped checkpoint (checkpoints/caesar)"
     else:
         checkpoint = random_checkpoint("small")
         which = "a random-weight `small` checkpoint (none shipped yet)"

@@ -9,8 +9,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# The checkpoint the repository ships (produced by `python -m training --preset small`).
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "caesar-small"
+# The checkpoint the repository ships (produced by scripts/train-shipped).
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "caesar"
 
 CommaSeparated = Annotated[list[str], NoDecode]
 
