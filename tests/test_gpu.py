@@ -37,8 +37,9 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from gpt import SamplingParams, generate, load_checkpoint  # noqa: E402
-from service.engine import Engine, Failed, Finished, GenerationRequest, RequestHandle, TextChunk  # noqa: E402
+from service.engine import Engine, Failed, Finished, GenerationRequest  # noqa: E402
 from tests.conftest import CORPUS_PATH, NO_CORPUS  # noqa: E402
+from tests.test_engine import outcome  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.train import RESUME_FILE, train  # noqa: E402
 
@@ -121,21 +122,11 @@ def engines() -> Iterator[dict[str, Engine]]:
         engine.shutdown()
 
 
-async def collect(handle: RequestHandle) -> tuple[str, Finished | Failed]:
-    text = ""
-    while True:
-        event = await handle.next_event()
-        if isinstance(event, TextChunk):
-            text += event.text
-        elif isinstance(event, Finished | Failed):
-            return text, event
-
-
 def texts_of(engine: Engine, requests: list[GenerationRequest]) -> list[str]:
     """Submit the requests together (each gets a row at once while rows are free); their texts."""
     async def together() -> list[tuple[str, Finished | Failed]]:
         handles = [engine.submit(r) for r in requests]
-        return await asyncio.gather(*(collect(h) for h in handles))
+        return await asyncio.gather(*(outcome(h) for h in handles))
 
     results = asyncio.run(asyncio.wait_for(together(), timeout=120))
     for _, end in results:
