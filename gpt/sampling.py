@@ -63,6 +63,9 @@ def apply_top_p(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     # A character is kept when the mass before it has not yet reached p; the first always is.
     mass_before = torch.cumsum(probs, dim=-1) - probs
     drop_sorted = mass_before >= p
+    # Said again, not left to the comparison: a p below float32's smallest number rounds to 0 and
+    # would drop the first too, leaving nothing to sample from.
+    drop_sorted[0] = False
     drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

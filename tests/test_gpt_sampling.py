@@ -61,6 +61,14 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert torch.isfinite(apply_top_p(logits, 0.01)).tolist() == [False, True, False, False, False]
 
 
+@pytest.mark.parametrize("p", [5e-324, 1e-46, 1e-300])
+def test_a_top_p_that_rounds_to_zero_in_float32_still_keeps_the_most_likely_character(p):
+    logits = torch.log(torch.tensor([0.05, 0.5, 0.15, 0.3]))
+    assert torch.isfinite(apply_top_p(logits, p)).tolist() == [False, True, False, False]
+    params = SamplingParams(temperature=1.0, top_p=p)
+    assert sample_token(logits, params, None, torch.Generator().manual_seed(0)) == 1
+
+
 def test_repetition_penalty_lowers_seen_characters_only():
     logits = torch.tensor([2.0, -2.0, 2.0, -2.0, 1.0])
     seen = torch.tensor([True, True, False, False, False])
