@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as error:
         hint = ""
         if settings.checkpoint == DEFAULT_CHECKPOINT and not DEFAULT_CHECKPOINT.exists():
-            hint = " (make it with scripts/train-shipped, then copy runs/shipped/finetune/best/ there)"
+            hint = " (scripts/train-shipped makes it)"
         sys.exit(f"error: cannot serve this checkpoint: {error}{hint}")
     except (RuntimeError, EngineProcessError) as error:  # e.g. --device cuda without CUDA
         sys.exit(f"error: {error}")
