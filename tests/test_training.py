@@ -207,3 +207,11 @@ def test_a_width_the_heads_do_not_divide_is_a_clear_error(tmp_path, short_text):
     with pytest.raises(SystemExit, match="width \\(50\\) must be a multiple of the heads \\(4\\)"):
         training_main(["--preset", "tiny", "--n-embd", "50", "--data", str(short_text),
                        "--out", str(tmp_path / "bad"), "--max-steps", "2"])
+
+
+def test_sweep_overrides_are_typed_as_the_training_settings_declare():
+    from training.sweep import parse_overrides
+    assert parse_overrides("n_layer=4,lr=2e-3,corpus=shakespeare") == {
+        "n_layer": 4, "lr": 0.002, "corpus": "shakespeare"}
+    with pytest.raises(Exception, match="'layers' is not a training setting"):
+        parse_overrides("layers=4")
