@@ -19,6 +19,11 @@ class SamplingParams:
     top_p: float | None = None  # keep the smallest set whose probability reaches p
     repetition_penalty: float = 1.0  # > 1 discourages characters already in the text (CTRL)
     seed: int | None = None  # None: a random seed, reported back so the text can be reproduced
+    min_p: float | None = None  # keep characters at least this fraction as likely as the most likely
+    typical_p: float | None = None  # locally typical sampling (Meister et al.), as TGI's typical_p
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from characters already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated text
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (character id, added to its logit), OpenAI's
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -29,6 +34,10 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
+        if self.typical_p is not None and not 0 < self.typical_p <= 1:
+            raise ValueError("typical_p must be in (0, 1]")
 
 
 def make_generator(seed: int | None) -> tuple[torch.Generator, int]:

@@ -45,6 +45,9 @@ class GenerationRequest:
     max_new_tokens: int
     params: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
+    min_tokens: int = 0  # stop strings do not end generation before this many tokens (vLLM's rule)
+    logprobs: int | None = None  # report each generated token's log-probability and this many alternatives
+    prompt_logprobs: int | None = None  # score the prompt: each character's log-probability and alternatives
 
 
 @dataclass(frozen=True)
@@ -55,12 +58,25 @@ class Admitted:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token and its log-probability under the model's raw distribution (before temperature and
+    the filters, as vLLM reports them), with the most likely alternatives when they were asked for."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), most likely first
+
+
+@dataclass(frozen=True)
 class TextChunk:
-    """Text released by one generated token: usually one character; several when characters held
-    back as a possible stop string turn out not to be one. Never empty."""
+    """What one decode step gave a request: the text it released (usually one character; several
+    when characters held back as a possible stop string turn out not to be one; empty while held
+    back) and, when the request asked for logprobs, the token sampled (stop strings' included).
+    Never both empty."""
 
     text: str
     time: float  # time.perf_counter() when it was sampled
+    token: TokenLogprob | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,8 @@ class Finished:
     queue_s: float
     time_to_first_token_s: float  # from submission to the first token sampled
     total_s: float
+    cumulative_logprob: float = 0.0  # sum of the sampled tokens' raw log-probabilities (best_of ranks by it)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # asked-for scores, one per prompt token; the first None
 
 
 @dataclass(frozen=True)
