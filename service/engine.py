@@ -97,7 +97,9 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     """The request ended without finishing. `error_type`: `queue_timeout` (never admitted),
-    `generation` (the model step raised), `shutdown` (the drain's grace period ran out)."""
+    `generation` (something this request caused raised, or a step of the model failed),
+    `shutdown` (the drain's grace period ran out), `engine_restart` (the engine process died and
+    is being restarted: try again)."""
 
     error_type: str
     message: str

@@ -167,8 +167,8 @@ async def _client_left(receive: Receive) -> None:
 def failure_error(failure: Failed) -> APIError:
     if failure.error_type == "queue_timeout":
         return errors.queue_timeout(failure.message)
-    if failure.error_type == "shutdown":
-        return APIError(503, failure.message, "unavailable", code="shutdown",
+    if failure.error_type in ("shutdown", "engine_restart"):
+        return APIError(503, failure.message, "unavailable", code=failure.error_type,
                         headers={"Retry-After": str(errors.RETRY_AFTER_UNAVAILABLE_S)})
     return APIError(500, failure.message, "generation", code="generation_failed")
 
