@@ -7,6 +7,10 @@ exit code 1 and one line saying why.
 Shutdown: the first SIGTERM (or Ctrl-C) drains: /ready turns 503, new requests get 503, requests in
 flight have `drain_timeout_s` to finish and are then ended with an error event; the process then
 exits 0. A second signal stops at once.
+
+An engine gone for good (its first warm-up failed, its process failed to restart three times in a
+row, or, with --no-engine-process, its scheduler thread died) stops the server with exit code 1 and
+one line saying why, so that compose or Kubernetes start it again.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
+import threading
+import time
 import typing
 from types import FrameType
 
@@ -27,12 +34,13 @@ from sse_starlette.sse import AppStatus
 from gpt import CheckpointError
 from service.app import create_app
 from service.engine import Engine, EngineLike
-from service.engine_process import EngineProcess, EngineProcessError
+from service.engine_process import EngineProcess, EngineProcessError, describe
 from service.settings import DEFAULT_CHECKPOINT, Settings
 
 logger = logging.getLogger("service")
 
 UVICORN_GRACE_S = 5  # after our own drain, how long uvicorn waits for connections to close
+FATAL_EXIT_GRACE_S = 30  # once the engine is gone for good, the longest uvicorn may take to stop
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +82,7 @@ class DrainingServer(uvicorn.Server):
         self.loop: asyncio.AbstractEventLoop | None = None
         self.draining = False
         self.drain_task: asyncio.Task | None = None
+        self.fatal: str | None = None  # why the engine is gone for good; the process then exits 1
 
     async def serve(self, sockets: list | None = None) -> None:
         self.loop = asyncio.get_running_loop()
@@ -97,6 +106,25 @@ class DrainingServer(uvicorn.Server):
         await self.engine.drain(self.drain_timeout_s)
         logger.info("drained; shutting down")
         self.should_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn's main loop, every 0.1 s: also stop the server once the engine is gone for good."""
+        if self.fatal is None and not self.draining and not self.engine.alive:
+            self.fatal = getattr(self.engine, "failure", None) or \
+                f"the engine's scheduler thread died: {describe(getattr(self.engine, '_thread_error', None))}"
+            logger.critical("stopping the server: %s", self.fatal)
+            self.should_exit = True
+            threading.Thread(target=exit_if_still_running, args=(FATAL_EXIT_GRACE_S,),
+                             name="caesar-fatal-exit", daemon=True).start()
+        return await super().on_tick(counter)
+
+
+def exit_if_still_running(grace_s: float) -> None:
+    """A daemon thread's last resort: end the process if uvicorn has not stopped within `grace_s`."""
+    time.sleep(grace_s)
+    logger.critical("the server did not stop within %.0f s; exiting now with status 1", grace_s)
+    logging.shutdown()
+    os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     AppStatus.disable_automatic_graceful_drain()
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=False, timeout_graceful_shutdown=UVICORN_GRACE_S)
-    DrainingServer(config, engine, settings.drain_timeout_s).run()
+    server = DrainingServer(config, engine, settings.drain_timeout_s)
+    server.run()
+    if server.fatal is not None:
+        sys.exit(f"error: {server.fatal}")
     return 0
 
 

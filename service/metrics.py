@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from service.engine import EngineLike
 
@@ -32,3 +36,24 @@ class ServiceMetrics:
         self.generated_tokens = Counter("caesar_generated_tokens", "characters generated", registry=r)
         self.disconnects = Counter("caesar_disconnects", "clients that left before their answer was complete",
                                    registry=r)
+        r.register(EngineCollector(engine))
+
+
+class EngineCollector(Collector):
+    """The engine process's supervision (service/engine_process.py), read from the engine at each
+    scrape: an engine without it (in one process, or a test's fake) reports 0 restarts."""
+
+    def __init__(self, engine: EngineLike) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("caesar_engine_restarts", "engine processes started again after one died",
+                                  value=getattr(self.engine, "restarts", 0))
+        yield CounterMetricFamily("caesar_engine_restart_failures",
+                                  "engine restarts that failed (load, warm-up or timeout)",
+                                  value=getattr(self.engine, "restart_failures", 0))
+        start_s = getattr(self.engine, "last_start_s", None)
+        if start_s is not None:
+            yield GaugeMetricFamily("caesar_engine_start_seconds", "how long the engine process serving "
+                                    "now took from its start to ready: spawn, load and warm-up",
+                                    value=start_s)

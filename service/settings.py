@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     engine_process: bool = Field(
         True, description="run the model in a process of its own, so that its Python work and the HTTP "
         "server's do not take turns holding one GIL")
+    engine_load_timeout_s: float = Field(
+        600.0, gt=0, description="longest an engine process may take to load the checkpoint, and again to "
+        "warm up; past it, the start fails (at startup, the server exits 1)")
     max_batch_size: int = Field(32, ge=1, description="KV-cache rows: requests decoded together")
     max_queue: int = Field(64, ge=0, description="requests that may wait for a row; past it, 429")
     queue_timeout_s: float = Field(30.0, gt=0, description="longest wait for a row; past it, 503")
