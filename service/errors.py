@@ -85,7 +85,9 @@ def from_validation_error(error: ValidationError | list[dict]) -> APIError:
                and not any(mark in p for mark in "[-") and p not in PYDANTIC_TYPE_NAMES]
         where = ".".join(loc) or "body"
         first_param = first_param or (where if loc else None)
-        parts.append(f"{where}: {problem.get('msg', 'invalid')}")
+        # pydantic words a validator's own message "Value error, ...": the message alone reads better.
+        message = str(problem.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}")
     message = "; ".join(dict.fromkeys(parts)) or "invalid request"
     return invalid(message, param=first_param)
 

@@ -95,10 +95,12 @@ json_values = st.recursive(scalars, lambda children: st.lists(children, max_size
 
 NATIVE_PARAMETERS = ["max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
                      "details", "do_sample", "truncate", "return_full_text", "best_of", "watermark",
-                     "decoder_input_details", "top_n_tokens", "typical_p", "grammar", "unknown_field"]
+                     "decoder_input_details", "top_n_tokens", "typical_p", "frequency_penalty", "grammar",
+                     "adapter_id", "unknown_field"]
 OPENAI_FIELDS = ["max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop",
                  "stream", "stream_options", "n", "best_of", "echo", "logprobs", "suffix", "logit_bias",
-                 "user", "presence_penalty", "frequency_penalty", "unknown_field"]
+                 "user", "presence_penalty", "frequency_penalty", "min_p", "min_tokens", "ignore_eos",
+                 "unknown_field"]
 
 
 def dumps(value: Any) -> str:

@@ -71,6 +71,6 @@ def test_options_accepted_only_when_off_refuse_booleans() -> None:
 
     client = TestClient(app)
     for parameters in ({"frequency_penalty": False}, {"typical_p": True}, {"best_of": True},
-                       {"watermark": 0}, {"decoder_input_details": True}):
+                       {"watermark": 0}, {"decoder_input_details": 1}, {"top_n_tokens": False}):
         response = client.post("/generate", json={"inputs": "a", "parameters": parameters})
         assert response.status_code == 422, parameters

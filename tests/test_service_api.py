@@ -65,8 +65,15 @@ BAD_PARAMETERS = [
     ({"seed": 2**64}, "parameters.seed"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "parameters.stop"),
     ({"stop": [""]}, "parameters.stop"),
-    ({"best_of": 2}, "parameters.best_of"),
+    ({"best_of": 2}, "parameters.best_of"),  # greedy by default: best_of needs sampling
+    ({"best_of": 9, "do_sample": True}, "parameters.best_of"),
+    ({"top_n_tokens": 6}, "parameters.top_n_tokens"),
+    ({"top_p": 5e-324}, "parameters.top_p"),  # rounds to 0 in float32 (issue 15)
+    ({"typical_p": 1e-40}, "parameters.typical_p"),
+    ({"frequency_penalty": 2.5}, "parameters.frequency_penalty"),
+    ({"frequency_penalty": 1e-300}, "parameters.frequency_penalty"),
     ({"watermark": True}, "parameters.watermark"),
+    ({"grammar": {"type": "json", "value": {}}}, "parameters.grammar"),
     ({"no_such_option": 1}, "parameters.no_such_option"),
 ]
 
@@ -110,10 +117,24 @@ def test_unknown_characters_are_named(make_client: MakeClient) -> None:
     ({"prompt": "a", "temperature": -0.5}, "temperature"),
     ({"prompt": "a", "max_tokens": 1.0}, "max_tokens"),
     ({"prompt": "a", "max_tokens": 4096}, "max_tokens"),
-    ({"prompt": "a", "n": 2}, "n"),
+    ({"prompt": "a", "n": 9}, "n"),
+    ({"prompt": "a", "n": 3, "best_of": 2}, "best_of"),
+    ({"prompt": "a", "n": 2, "best_of": 3, "stream": True}, "best_of"),
     ({"prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, "stop"),
-    ({"prompt": ["a", "b"]}, "prompt"),
-    ({"prompt": "a", "echo": True}, "echo"),
+    ({"prompt": ["a"] * 33}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": "a", "echo": 1}, "echo"),
+    ({"prompt": "a", "logprobs": 6}, "logprobs"),
+    ({"prompt": "a", "logprobs": True}, "logprobs"),
+    ({"prompt": "a", "top_p": 5e-324}, "top_p"),  # rounds to 0 in float32 (issue 15)
+    ({"prompt": "a", "min_p": 1e-39}, "min_p"),
+    ({"prompt": "a", "presence_penalty": -2.5}, "presence_penalty"),
+    ({"prompt": "a", "frequency_penalty": 3}, "frequency_penalty"),
+    ({"prompt": "a", "logit_bias": {"5": 101}}, "logit_bias.5"),
+    ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"prompt": "a", "logit_bias": {"1000": 1}}, "logit_bias"),
+    ({"prompt": "a", "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
+    ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": "a", "suffix": "z"}, "suffix"),
     ({}, "prompt"),
 ])
@@ -162,7 +183,7 @@ def test_generate_defaults_stop_and_full_text(make_client: MakeClient) -> None:
     client = make_client(settings={"default_max_new_tokens": 12})
     body = client.post("/generate", json={"inputs": ""}).json()
     assert body["generated_text"] == TEXT[:12] and body["details"] is None
-    assert client.engine.requests[0].params.temperature == 1.0
+    assert client.engine.requests[0].params.temperature == 0.0  # TGI: greedy unless sampling is asked for
     stopped = client.post("/generate", json={"inputs": "Caesar", "parameters": {
         "stop": ["Romans"], "details": True, "return_full_text": True, "max_new_tokens": 30}}).json()
     assert stopped["generated_text"] == "Caesar" + TEXT[:TEXT.index("Romans")]
