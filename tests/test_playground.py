@@ -7,6 +7,7 @@ need no browser are in tests/test_playground_page.py.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -227,3 +228,35 @@ def test_a_busy_server_says_when_to_try_again(server: ServerProcess, open_page: 
         expect(page.get_by_role("alert")).to_have_text(
             "The server is busy: every batch row and queue place is taken. Try again in 1 second.")
     wait_for_running_rows(server, 0)
+
+
+def test_scoring_a_pasted_text_shades_each_character(server: ServerProcess, open_page: OpenPage) -> None:
+    """Score: the prompt box's text scored through POST /generate (max_new_tokens 0,
+    decoder_input_details): bits per character, each character shaded by its probability."""
+    text = "Friends, Romans,\ncountrymen"
+    page = open_page(server)
+    page.get_by_label("Prompt").fill(text)
+    page.get_by_role("button", name="Score").click()
+    expect(page.get_by_role("status")).to_have_text(
+        re.compile(rf"^Scored {len(text) - 1} characters: \d+\.\d{{3}} bits per character\.$"))
+    spans = page.locator("#output .scored span")
+    expect(spans).to_have_count(len(text))
+    assert page.locator("#output .scored").text_content() == text
+    # The same figures as the API gives.
+    prefill = httpx.post(server.base_url + "/generate", headers={"Authorization": f"Bearer {API_KEY}"}, json={
+        "inputs": text, "parameters": {"max_new_tokens": 0, "details": True, "decoder_input_details": True}},
+        timeout=30).json()["details"]["prefill"]
+    bits = [-p["logprob"] / math.log(2) for p in prefill[1:]]
+    expect(page.locator("#stat-bpc")).to_have_text(f"{sum(bits) / len(bits):.3f}")
+    expect(page.locator("#stat-count")).to_have_text(str(len(text) - 1))
+    shades = spans.evaluate_all("spans => spans.map(s => s.style.getPropertyValue('--shade'))")
+    assert shades[0] == "" and spans.first.get_attribute("class") == "unscored"
+    assert [float(s) for s in shades[1:]] == pytest.approx([1 - math.exp(p["logprob"]) for p in prefill[1:]],
+                                                           abs=1e-3)
+    assert spans.nth(16).get_attribute("title").startswith("newline: p = ")
+    expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+    # Generating afterwards clears the scores.
+    start_generation(page, "CASCA:", 10)
+    expect(page.get_by_role("status")).to_have_text("Done: reached the character limit.")
+    expect(spans).to_have_count(0)
+    expect(page.locator("#stat-bpc")).to_have_text("–")

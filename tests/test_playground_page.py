@@ -70,5 +70,6 @@ def test_every_form_control_has_a_label(outline: PageOutline) -> None:
 def test_page_has_the_controls_the_playground_promises(outline: PageOutline) -> None:
     ids = {attributes.get("id") for _, attributes in outline.elements}
     expected = {"prompt", "max-new-tokens", "temperature", "top-k", "top-p", "seed", "stop-strings",
-                "api-key", "generate", "stop", "output", "model-card", "stat-ttfc", "stat-rate"}
+                "api-key", "generate", "score", "stop", "output", "model-card", "stat-ttfc", "stat-rate",
+                "stat-bpc"}
     assert expected <= ids, expected - ids
