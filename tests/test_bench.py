@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from bench import batching, decode, gpu, quantize, serving, training  # noqa: E402
+from bench import batching, decode, gpu, load, quantize, serving, training  # noqa: E402
 from bench.common import Table, write_section  # noqa: E402
 from bench.convert_hf import check_same_logits, to_hf  # noqa: E402
 
@@ -97,6 +97,26 @@ def test_quantize_quick(tmp_path: Path, capsys, tiny_checkpoint: Path):
     quantize.main(["--quick", "--checkpoint", str(tiny_checkpoint), "--speed-preset", "tiny", "--new", "8",
                    "--threads", THREADS, "--docs", str(tmp_path)])
     check_output(capsys.readouterr().out, tmp_path, "quantize", "| float32", "| int8 dynamic", "loss cost")
+
+
+@pytest.mark.slow
+def test_load_quick_chaos(tmp_path: Path, capsys, tiny_checkpoint: Path):
+    """bench.load --chaos kills the engine process once: only requests in flight at the kill fail, the
+    service is ready again, and the run reports both."""
+    report = load.main(["--quick", "--chaos", "--checkpoint", str(tiny_checkpoint), "--threads", "1",
+                        "--clients", "8", "--duration", "6", "--max-batch-size", "4",
+                        "--docs", str(tmp_path)])
+    out = capsys.readouterr().out
+    for row in ("good requests failed outside the kill", "requests failed by the kill, in flight",
+                "ready again after the kill (s)", "engine start at launch / restarted (s)",
+                "engine restarts (caesar_engine_restarts_total)", "hostile settings refused with a 4xx"):
+        assert f"| {row} " in out, row
+    assert report.chaos and report.restarts == 1 and report.killed_pid is not None
+    assert report.failed == 0 and report.hostile.failed == 0, report.table()
+    assert 0 < report.ready_again_s < 120 and report.engine_start_s > 0 and report.restart_start_s > 0
+    assert report.kill_at_run_s > 0 and report.hostile_clients == 2 and report.hostile.sent > 0
+    assert report.completed_after_ready > 0, report.table()  # it serves again
+    assert not (tmp_path / "benchmarks.md").exists()  # --quick writes no docs
 
 
 def test_gpu_script_dry_run(tmp_path: Path, capsys):

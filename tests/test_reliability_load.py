@@ -1,6 +1,8 @@
 """The short version of bench/load.py in the suite: 16 clients for a few seconds against a real
-`python -m service` on the tiny checkpoint, with few rows so that bursts are refused. Nothing fails,
-refusals are 429/503 with Retry-After only, every row is given back, memory does not grow."""
+`python -m service` on the tiny checkpoint, with few rows so that bursts are refused, and a quarter of
+the clients hostile (valid but extreme settings). Nothing fails, good or hostile; refusals are 429/503
+with Retry-After only (and 4xx for hostile settings refused at the edge); every row is given back,
+memory does not grow, the engine process never dies."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ RSS_NOISE_BOUND = 32 * MIB
 
 def test_short_load_run_loses_nothing(tiny_checkpoint: Path) -> None:
     config = LoadConfig(clients=16, duration_s=8.0, max_new_tokens=64, disconnect_share=0.3,
-                        burst_every_s=3.0, request_timeout_s=60.0, seed=6)
+                        burst_every_s=3.0, request_timeout_s=60.0, seed=6, hostile_share=0.25)
     with running_server(tiny_checkpoint, "--max-batch-size", "4", "--max-queue", "8",
                         "--log-level", "warning") as server:
         report = run_load(server.base_url, server.process.pid, config)
@@ -35,3 +37,10 @@ def test_short_load_run_loses_nothing(tiny_checkpoint: Path) -> None:
     assert report.completed > 0 and report.disconnected > 0 and report.ttfc_s
     assert report.rows_after == 0 and report.queue_after == 0
     assert report.rss_growth < RSS_NOISE_BOUND, report.table()
+
+    hostile = report.hostile
+    assert report.hostile_clients == 4 and hostile.sent > 0
+    assert hostile.failed == 0, report.table()  # a 200 or a 4xx (or a refusal with Retry-After), never a 5xx
+    assert set(hostile.rejected) <= {400, 422} and set(hostile.refused) <= {429, 503}
+    assert hostile.sent == hostile.completed + sum(hostile.refused.values()) + sum(hostile.rejected.values())
+    assert report.restarts == 0 and report.killed == 0 and report.ok
