@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 
 from gpt.model import GPT, CacheRows, DecodeRows, KVCache
-from gpt.sampling import SamplingParams, greedy_tokens, is_plain_greedy, make_generator, sample_token
+from gpt.sampling import Sampled, SamplingParams, dense_bias, new_seed, sample_rows
 
 MAX_STOP_STRINGS = 4
 
@@ -38,8 +38,12 @@ class StopMatcher:
         self.stop = [s for s in stop if s]
         self.pending = ""
 
-    def push(self, text: str) -> tuple[str, bool]:
-        """Add new text; return what may be output now, and whether a stop string was completed."""
+    def push(self, text: str, match: bool = True) -> tuple[str, bool]:
+        """Add new text; return what may be output now, and whether a stop string was completed.
+        With `match` false (before min_tokens), nothing is held back and nothing stops."""
+        if not self.stop or not match:
+            released, self.pending = self.pending + text, ""
+            return released, False
         self.pending += text
         hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
         if hits:
@@ -61,26 +65,40 @@ class Sequence:
 
     def __init__(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
                  decode: Callable[[list[int]], str], vocab_size: int, block_size: int,
-                 stop: SequenceOf[str] = ()) -> None:
+                 stop: SequenceOf[str] = (), min_tokens: int = 0, logprobs: int | None = None) -> None:
         self.tokens = list(prompt_ids) or [0]
         self.prompt_length = len(prompt_ids)
         self.max_new_tokens = max_new_tokens
+        self.min_tokens = min_tokens
         self.params = params
         self.decode = decode
         self.block_size = block_size
         self.keep = max(1, 3 * block_size // 4)
         self.window_start = 0
-        self.generator, self.seed = make_generator(params.seed)
-        self.seen: torch.Tensor | None = None  # characters in the text so far, for the repetition penalty
+        self.refill = True  # the window's tokens are not (all) in the cache row: prefill before sampling
+        self.seed = new_seed(params.seed)
+        # The history the penalties read, kept only where the settings need it.
+        self.seen: torch.Tensor | None = None  # characters of the prompt and the text so far
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool)
             self.seen[torch.tensor(prompt_ids, dtype=torch.long)] = True
+        self.counts = torch.zeros(vocab_size) if params.counts_generated else None  # generated only
+        self.bias = dense_bias(params.logit_bias, vocab_size)
+        self.logprobs = logprobs  # None: no per-token report; n: the log-probability and n alternatives
+        self.last_logprob = 0.0
+        self.last_top: list[tuple[int, float]] = []
+        self.cumulative_logprob = 0.0
         self.stop = StopMatcher(stop)
         self.generated = 0
         self.finish_reason: str | None = "length" if max_new_tokens <= 0 else None
         self.row: int | None = None
         self.slide_window()
         self.prompt_truncated = self.window_start > 0
+
+    @property
+    def position(self) -> int:
+        """The sampler's counter: tokens sampled so far."""
+        return self.generated
 
     @property
     def generated_ids(self) -> list[int]:
@@ -90,23 +108,27 @@ class Sequence:
         return self.tokens[self.window_start:]
 
     def slide_window(self) -> bool:
-        """Apply the context rule; True when the window moved and the row must be prefilled again."""
-        if len(self.tokens) - self.window_start <= self.block_size:
-            return False
-        self.window_start = len(self.tokens) - self.keep
-        return True
+        """Apply the context rule; True while the row must be prefilled (again) before its next
+        token. Asking again before `accept` gives the same answer, so a failed step can be retried."""
+        if len(self.tokens) - self.window_start > self.block_size:
+            self.window_start = len(self.tokens) - self.keep
+            self.refill = True
+        return self.refill
 
-    def sample(self, logits: torch.Tensor) -> int:
-        """The next token from this sequence's logits (V,), a float32 CPU tensor."""
-        return sample_token(logits, self.params, self.seen, self.generator)
-
-    def accept(self, token: int) -> str:
-        """Append the next token and return the text it releases."""
+    def accept(self, token: int, logprob: float = 0.0, top: list[tuple[int, float]] | None = None) -> str:
+        """Append the next token (with its raw log-probability and the alternatives reported) and
+        return the text it releases."""
         self.tokens.append(token)
+        self.refill = False
         if self.seen is not None:
             self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
         self.generated += 1
-        text, stopped = self.stop.push(self.decode([token]))
+        self.cumulative_logprob += logprob
+        if self.logprobs is not None:
+            self.last_logprob, self.last_top = logprob, (top or [])[:self.logprobs]
+        text, stopped = self.stop.push(self.decode([token]), self.generated >= self.min_tokens)
         if stopped:
             self.finish_reason = "stop"
         elif self.generated >= self.max_new_tokens:
@@ -254,64 +276,76 @@ def start(model: GPT, cache: KVCache, seq: Sequence, row: int) -> str:
     return start_rows(model, cache, [seq], [row])[0]
 
 
-@torch.inference_mode()
 def start_rows(model: GPT, cache: KVCache, seqs: list[Sequence], rows: list[int]) -> list[str]:
     """Give each sequence its cache row, prefill the prompts (together, in groups of similar length)
     and sample each first token; return the text each releases."""
-    for seq, row in zip(seqs, rows, strict=True):
-        seq.row = row
-    logits: list[torch.Tensor | None] = [None] * len(seqs)
-    _prefill_contexts(model, cache, seqs, list(range(len(seqs))), logits)
-    return _accept_all(seqs, logits)
+    return accept_all(seqs, start_tokens(model, cache, seqs, rows))
+
+
+def advance(model: GPT, cache: KVCache, seqs: list[Sequence]) -> list[str]:
+    """One new token for each running sequence, in order; return the text each releases."""
+    return accept_all(seqs, step_tokens(model, cache, seqs))
 
 
 @torch.inference_mode()
-def advance(model: GPT, cache: KVCache, seqs: list[Sequence]) -> list[str]:
-    """One new token for each running sequence, in order. Rows whose context is full are prefilled
-    again from their recent text; all the others share one batched decode step."""
+def start_tokens(model: GPT, cache: KVCache, seqs: list[Sequence], rows: list[int]) -> Sampled:
+    """Give each sequence its cache row, prefill the prompts and sample each first token, without
+    accepting it (see `step_tokens`)."""
+    for seq, row in zip(seqs, rows, strict=True):
+        seq.row = row
+    return step_tokens(model, cache, seqs)
+
+
+@torch.inference_mode()
+def step_tokens(model: GPT, cache: KVCache, seqs: list[Sequence]) -> Sampled:
+    """Each sequence's next token, sampled for all rows at once, not yet accepted. Rows that need
+    their window prefilled (new, or their context is full) are; all the others share one batched
+    decode step. Nothing a sequence holds changes, and each decoding row's cache length is set from
+    its accepted tokens first, so a step that raised can be run again, row by row, with the same
+    result (the draw is a function of seed and position)."""
     if not seqs:
-        return []
-    logits: list[torch.Tensor | None] = [None] * len(seqs)
-    sliding = [i for i, seq in enumerate(seqs) if seq.slide_window()]
-    _prefill_contexts(model, cache, seqs, sliding, logits)
+        return Sampled([], [], None)
+    refilling = [i for i, seq in enumerate(seqs) if seq.slide_window()]
+    if refilling:
+        logits = _prefill_contexts(model, cache, seqs, refilling)
+    else:
+        logits = None
     # Sorted by row: consecutive rows let attention view the cache, not copy it.
-    decoding = sorted(set(range(len(seqs))) - set(sliding), key=lambda i: seqs[i].row)
+    decoding = sorted((i for i, seq in enumerate(seqs) if not seq.refill), key=lambda i: seqs[i].row)
     if decoding:
-        rows, last_tokens = [seqs[i].row for i in decoding], [seqs[i].tokens[-1] for i in decoding]
-        for i, row_logits in zip(decoding, decode_step(model, cache, rows, last_tokens), strict=True):
-            logits[i] = row_logits
-    return _accept_all(seqs, logits)
+        for i in decoding:  # what the row's accepted tokens put in the cache, whatever ran before
+            cache.lengths[seqs[i].row] = len(seqs[i].tokens) - seqs[i].window_start - 1
+        step_logits = decode_step(model, cache, [seqs[i].row for i in decoding],
+                                  [seqs[i].tokens[-1] for i in decoding])
+        if logits is None and decoding == list(range(len(seqs))):
+            logits = step_logits
+        else:
+            if logits is None:
+                logits = step_logits.new_empty(len(seqs), step_logits.size(-1))
+            logits[torch.tensor(decoding, device=logits.device)] = step_logits
+    top_n = max((seq.logprobs or 0 for seq in seqs), default=0)
+    return sample_rows(logits, seqs, top_n)
 
 
-def _prefill_contexts(model: GPT, cache: KVCache, seqs: list[Sequence], indices: list[int],
-                      logits: list[torch.Tensor | None]) -> None:
+def accept_all(seqs: list[Sequence], sampled: Sampled) -> list[str]:
+    """Each sequence accepts its sampled token; the text each releases."""
+    top = sampled.top or [None] * len(seqs)
+    return [seq.accept(token, logprob, alternatives) for seq, token, logprob, alternatives
+            in zip(seqs, sampled.tokens, sampled.logprobs, top, strict=True)]
+
+
+def _prefill_contexts(model: GPT, cache: KVCache, seqs: list[Sequence], indices: list[int]) -> torch.Tensor:
     """Prefill the windows of seqs[i] for i in `indices` into their rows, in groups of similar
-    length; put each one's last logits in logits[i]."""
+    length; return logits (len(seqs), V) holding each one's last logits at its index."""
+    logits = None
     for group in padding_groups([len(seqs[i].context()) for i in indices]):
         members = [indices[g] for g in group]
         group_logits = prefill_rows(model, cache, [seqs[i].row for i in members],
                                     [seqs[i].context() for i in members])
-        for i, row_logits in zip(members, group_logits, strict=True):
-            logits[i] = row_logits
-
-
-def _accept_all(seqs: list[Sequence], logits: list[torch.Tensor | None]) -> list[str]:
-    host = torch.stack(logits).float().cpu()  # (R, V): one copy to the host for the whole batch
-    return [seq.accept(token) for seq, token in zip(seqs, sample_batch(seqs, host), strict=True)]
-
-
-def sample_batch(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-    """Each sequence's next token from its row of logits (R, V); the plain greedy rows share one
-    argmax, the others sample on their own generators."""
-    greedy = [i for i, seq in enumerate(seqs) if is_plain_greedy(seq.params)]
-    tokens = [0] * len(seqs)
-    if greedy:
-        for i, token in zip(greedy, greedy_tokens(logits[greedy]), strict=True):
-            tokens[i] = token
-    for i, seq in enumerate(seqs):
-        if not is_plain_greedy(seq.params):
-            tokens[i] = seq.sample(logits[i])
-    return tokens
+        if logits is None:
+            logits = group_logits.new_empty(len(seqs), group_logits.size(-1))
+        logits[torch.tensor(members, device=logits.device)] = group_logits
+    return logits
 
 
 def generate(model: GPT, prompt_ids: list[int], decode: Callable[[list[int]], str],
@@ -347,5 +381,5 @@ def generate_reference(model: GPT, prompt_ids: list[int], decode: Callable[[list
     while seq.finish_reason is None:
         seq.slide_window()
         logits, _ = model(torch.tensor([seq.context()], device=device))
-        seq.accept(seq.sample(logits[0, -1].float().cpu()))
+        accept_all([seq], sample_rows(logits[:, -1], [seq], seq.logprobs or 0))
     return seq

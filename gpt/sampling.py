@@ -1,15 +1,27 @@
-"""Sampling as small pure functions over one row of logits (V,).
+"""Sampling, batched over rows: small pure functions over logits (R, V) with per-row parameters, and
+a draw from counter-based noise.
 
-Order, as in Hugging Face's logits processors: repetition penalty, temperature, top-k, top-p,
-then a draw from the request's own `torch.Generator`. Temperature 0 means greedy (argmax).
+Order, as in Hugging Face's logits processors: logit bias, repetition penalty, presence and
+frequency penalties, temperature, typical-p, then top-k, top-p and min-p on the sorted row. The
+most likely character always survives the filters, so no row is ever left without one. Temperature
+0 means greedy (argmax of the penalised logits).
+
+The draw needs no generator state: each row's noise is a hash of (seed, position, character id)
+(splitmix64 on int64 tensors), turned into exponential variables q, and the token is
+argmax(probs / q), which picks i with probability probs[i]. A seed therefore gives the same text
+alone or in any batch, on any device, and a step can be run again with the same result.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+MAX_TOP_LOGPROBS = 5
 
 
 @dataclass(frozen=True)
@@ -39,62 +51,230 @@ class SamplingParams:
         if self.typical_p is not None and not 0 < self.typical_p <= 1:
             raise ValueError("typical_p must be in (0, 1]")
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
-def make_generator(seed: int | None) -> tuple[torch.Generator, int]:
-    """A CPU generator of its own for one request, and the seed it was started from."""
-    if seed is None:
-        seed = random.randrange(2**63)
-    return torch.Generator().manual_seed(seed), seed
+    @property
+    def filters(self) -> bool:
+        """Whether the sorted-row filters (top-k, top-p, min-p) change anything."""
+        return self.top_k is not None or (self.top_p or 1.0) < 1.0 or bool(self.min_p)
+
+    @property
+    def counts_generated(self) -> bool:
+        """Whether the presence or frequency penalty needs counts of the generated characters."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) -> torch.Tensor:
-    """Divide positive and multiply negative logits of the characters marked in `seen` (V,) bool
-    (which only a penalty other than 1 needs)."""
-    if penalty == 1.0 or seen is None:
-        return logits
+def new_seed(seed: int | None) -> int:
+    """The seed a request samples from: its own, or a random one to report back."""
+    return random.randrange(2**63) if seed is None else seed
+
+
+# --- Counter-based noise ------------------------------------------------------------------------
+
+def _signed(value: int) -> int:
+    """An unsigned 64-bit value as the int64 with the same bits."""
+    value &= 2**64 - 1
+    return value - 2**64 if value >= 2**63 else value
+
+
+GOLDEN_GAMMA = _signed(0x9E3779B97F4A7C15)
+MIX_1 = _signed(0xBF58476D1CE4E5B9)
+MIX_2 = _signed(0x94D049BB133111EB)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 values (torch's >> keeps the sign)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors: every output bit depends on every input bit.
+    Multiplication wraps around on int64, as the unsigned arithmetic it stands for does."""
+    x = (x ^ _shift_right(x, 30)) * MIX_1
+    x = (x ^ _shift_right(x, 27)) * MIX_2
+    return x ^ _shift_right(x, 31)
+
+
+def uniforms(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Uniform numbers in (0, 1), (R, V) float32: a function of each row's (seed, position) (R,)
+    int64 and the column alone, the same on every device."""
+    row_keys = mix64(mix64(seeds + GOLDEN_GAMMA) + positions * GOLDEN_GAMMA)
+    columns = torch.arange(1, vocab_size + 1, device=seeds.device) * GOLDEN_GAMMA
+    bits = _shift_right(mix64(row_keys[:, None] + columns), 40)  # the top 24 bits
+    return (bits.float() + 0.5) * 2.0**-24
+
+
+def exponentials(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Exponential(1) variables, (R, V), from the same counters."""
+    return -torch.log(uniforms(seeds, positions, vocab_size))
+
+
+# --- Logits processors over (R, V), each row with its own setting --------------------------------
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Divide positive and multiply negative logits of the characters marked in `seen` (R, V) bool by
+    each row's penalty (R, 1) (CTRL's rule, as Hugging Face applies it)."""
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
 
 
-def apply_top_k(logits: torch.Tensor, k: int | None) -> torch.Tensor:
-    if k is None or k >= logits.size(-1):
-        return logits
-    kth_largest = torch.topk(logits, k).values[-1]
-    return logits.masked_fill(logits < kth_largest, float("-inf"))
+def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor,
+                             frequency: torch.Tensor) -> torch.Tensor:
+    """OpenAI's penalties: subtract `presence` (R, 1) from every character generated at least once
+    and `frequency` (R, 1) times the number of times it was generated (counts (R, V))."""
+    return logits - presence * (counts > 0) - frequency * counts
 
 
-def apply_top_p(logits: torch.Tensor, p: float | None) -> torch.Tensor:
-    """Keep the smallest set of most likely characters whose probabilities sum to at least p."""
-    if p is None or p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, descending=True)
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Divide each row by its temperature (R, 1); infinities from overflow become float32's
+    largest finite numbers, so a row never turns into NaN."""
+    return torch.nan_to_num(logits / temperature)
+
+
+def typical_mask(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling (Meister et al. 2022): True for the characters to drop. Characters are
+    taken in order of how close their surprise is to the row's entropy until they hold `mass` (R, 1)
+    of the probability; the most likely character is kept too. A mass of 1 or more keeps them all."""
+    log_probs = torch.log_softmax(logits, dim=-1)
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs).nan_to_num().sum(dim=-1, keepdim=True)
+    distance = (-log_probs - entropy).abs()
+    order = torch.argsort(distance, dim=-1)
+    mass_before = probs.gather(-1, order).cumsum(dim=-1) - probs.gather(-1, order)
+    drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, mass_before >= mass)
+    most_likely = logits.argmax(dim=-1, keepdim=True)
+    return drop.scatter(-1, most_likely, False)
+
+
+def sorted_filters_mask(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                        min_p: torch.Tensor) -> torch.Tensor:
+    """True for the sorted entries (R, V, most likely first) that top-k (R, 1) long, top-p (R, 1)
+    and min-p (R, 1) drop. Off values: k = V, p >= 1 (taken as 2, beyond any rounding of the sum),
+    min_p = 0. The first entry is always kept."""
     probs = torch.softmax(sorted_logits, dim=-1)
-    # A character is kept when the mass before it has not yet reached p; the first always is.
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    drop_sorted = mass_before >= p
-    # Said again, not left to the comparison: a p below float32's smallest number rounds to 0 and
-    # would drop the first too, leaving nothing to sample from.
-    drop_sorted[0] = False
-    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    ranks = torch.arange(sorted_logits.size(-1), device=sorted_logits.device)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop = (ranks >= top_k) | (mass_before >= top_p) | (probs < min_p * probs[:, :1])
+    drop[:, 0] = False
+    return drop
 
 
-def sample_token(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
-                 generator: torch.Generator) -> int:
-    """Pick the next token id from one row of logits (V,), a float32 CPU tensor."""
-    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    logits = apply_top_p(apply_top_k(logits / params.temperature, params.top_k), params.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+def draw(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """One index per row (R,), index i with probability probs[i]: argmax(probs / q) with q ~ Exp(1)."""
+    return (probs / noise).argmax(dim=-1)
 
 
-def is_plain_greedy(params: SamplingParams) -> bool:
-    """Argmax of the raw logits: what rows with these settings can share with each other."""
-    return params.temperature == 0 and params.repetition_penalty == 1.0
+# --- One step for a batch of rows ----------------------------------------------------------------
+
+class RowState(Protocol):
+    """What a row's sampling needs besides its logits: its settings and seed, how many tokens it has
+    sampled (the noise counter), and the history its penalties read (None where they need none)."""
+
+    params: SamplingParams
+    seed: int
+    position: int
+    seen: torch.Tensor | None  # (V,) bool: characters of the prompt and the text so far
+    counts: torch.Tensor | None  # (V,) float32: times each character was generated
+    bias: torch.Tensor | None  # (V,) float32: the logit bias, dense
 
 
-def greedy_tokens(logits: torch.Tensor) -> list[int]:
-    """The argmax of each row of logits (R, V), in one call for the whole batch."""
-    return logits.argmax(dim=-1).tolist()
+@dataclass
+class Row:
+    """A RowState of plain values, for a row sampled outside a Sequence."""
+
+    params: SamplingParams
+    seed: int = 0
+    position: int = 0
+    seen: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+@dataclass
+class Sampled:
+    """A step's draws, as Python values: each row's token, its raw log-probability, and (for rows
+    that asked) the most likely alternatives."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]] | None  # None when no row asked for alternatives
+
+
+def _column(values: list[float] | list[int], device: torch.device, dtype: torch.dtype = torch.float32
+            ) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)[:, None]
+
+
+def sample_rows(logits: torch.Tensor, rows: SequenceOf[RowState], top_n: int = 0) -> Sampled:
+    """Each row's next token from its logits (R, V), all rows in one set of tensor ops; `top_n`
+    alternatives (0..5) with their log-probabilities for every row. Never raises on finite logits."""
+    logits = logits.float()
+    device, vocab_size = logits.device, logits.size(-1)
+    log_probs = torch.log_softmax(logits, dim=-1)  # the raw distribution, which logprobs report
+    params = [row.params for row in rows]
+
+    x = logits
+    biased = [i for i, row in enumerate(rows) if row.bias is not None]
+    if biased:
+        x = x.index_add(0, torch.tensor(biased, device=device),
+                        torch.stack([rows[i].bias for i in biased]).to(device))
+    penalized = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if penalized:
+        index = torch.tensor(penalized, device=device)
+        x = x.index_copy(0, index, apply_repetition_penalty(
+            x[index], torch.stack([rows[i].seen for i in penalized]).to(device),
+            _column([params[i].repetition_penalty for i in penalized], device)))
+    counted = [i for i, p in enumerate(params) if p.counts_generated]
+    if counted:
+        index = torch.tensor(counted, device=device)
+        x = x.index_copy(0, index, apply_presence_frequency(
+            x[index], torch.stack([rows[i].counts for i in counted]).to(device),
+            _column([params[i].presence_penalty for i in counted], device),
+            _column([params[i].frequency_penalty for i in counted], device)))
+    if biased or penalized or counted:
+        x = torch.nan_to_num(x)
+
+    tokens = x.argmax(dim=-1)  # the greedy rows' answer; sampled rows are replaced below
+    sampling = [i for i, p in enumerate(params) if not p.greedy]
+    if sampling:
+        everyone = len(sampling) == len(rows)
+        index = None if everyone else torch.tensor(sampling, device=device)
+        chosen = [params[i] for i in sampling]
+        y = apply_temperature(x if everyone else x[index], _column([p.temperature for p in chosen], device))
+        if any((p.typical_p or 1.0) < 1.0 for p in chosen):
+            y = y.masked_fill(typical_mask(y, _column([p.typical_p or 2.0 for p in chosen], device)),
+                              float("-inf"))
+        noise = exponentials(torch.tensor([rows[i].seed for i in sampling], device=device),
+                             torch.tensor([rows[i].position for i in sampling], device=device), vocab_size)
+        if any(p.filters for p in chosen):
+            y, order = torch.sort(y, dim=-1, descending=True)
+            y = y.masked_fill(sorted_filters_mask(
+                y, _column([p.top_k or vocab_size for p in chosen], device, torch.long),
+                _column([p.top_p if (p.top_p or 1.0) < 1.0 else 2.0 for p in chosen], device),
+                _column([p.min_p or 0.0 for p in chosen], device)), float("-inf"))
+            picked = order.gather(-1, draw(torch.softmax(y, dim=-1), noise.gather(-1, order))[:, None])[:, 0]
+        else:
+            picked = draw(torch.softmax(y, dim=-1), noise)
+        tokens = picked if everyone else tokens.index_copy(0, index, picked)
+
+    chosen_logprobs = log_probs.gather(-1, tokens[:, None])[:, 0]
+    top = None
+    if top_n:
+        values, ids = torch.topk(log_probs, min(top_n, vocab_size), dim=-1)
+        top = [list(zip(row_ids, row_values, strict=True))
+               for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)]
+    return Sampled(tokens.tolist(), chosen_logprobs.tolist(), top)
+
+
+def dense_bias(logit_bias: tuple[tuple[int, float], ...], vocab_size: int) -> torch.Tensor | None:
+    """A logit bias as a (V,) float32 tensor to add to a row, or None when there is none."""
+    if not logit_bias:
+        return None
+    bias = torch.zeros(vocab_size)
+    for token, value in logit_bias:
+        if not 0 <= token < vocab_size:
+            raise ValueError(f"logit_bias: token id {token} is not in the vocabulary (0..{vocab_size - 1})")
+        bias[token] = value
+    return bias

@@ -4,10 +4,15 @@ Each scheduler iteration
   1. drops waiting requests that were cancelled or waited longer than `queue_timeout_s`,
      and frees the rows of running requests that were cancelled (client gone);
   2. admits waiting requests into free cache rows: prefill + first token, the prompts of the
-     admitted requests together (`gpt.generate.start_rows`), their first characters handed out at once;
-  3. runs ONE batched decode step for every running row (`gpt.generate.advance`);
+     admitted requests together (`gpt.generate.step_tokens`), their first characters handed out at once;
+  3. runs ONE batched decode step for every running row (`gpt.generate.step_tokens`: the model step,
+     then one batched sampling step for all rows), and each row accepts its token;
   4. frees the rows of requests that finished, at once;
   5. hands each request its new text, in one wake-up of the asyncio loop that submitted it.
+
+A request's failure is its own: a step that raises runs again row by row (each row's draw depends
+only on its seed and position, so the others' text does not change), and only the rows that fail
+alone end, with an error.
 
 The HTTP side never touches the model: `submit` (called on the event loop) only appends to the
 waiting queue, and each request's events come back through an `asyncio.Queue` in its
@@ -31,8 +36,10 @@ from typing import Any, Protocol
 import torch
 
 from gpt import CharTokenizer, KVCache, SamplingParams, Sequence, load_checkpoint
-from gpt.generate import advance, compile_decode, start_rows
+from gpt.generate import advance, compile_decode, start_rows, step_tokens
 from gpt.model import GPT
+from gpt.sampling import Sampled
+from gpt.scoring import score
 
 logger = logging.getLogger("service.engine")
 
@@ -91,7 +98,8 @@ class Finished:
     time_to_first_token_s: float  # from submission to the first token sampled
     total_s: float
     cumulative_logprob: float = 0.0  # sum of the sampled tokens' raw log-probabilities (best_of ranks by it)
-    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # asked-for scores, one per prompt token; the first None
+    # When asked for: each prompt token's score given the ones before it (the first has none: None).
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +190,7 @@ class _Work:
     row: int | None = None
     admitted_at: float = 0.0
     first_token_at: float | None = None
+    prompt_scores: tuple[TokenLogprob | None, ...] | None = None
     outbox: list[Event] = field(default_factory=list)  # events of this iteration, not yet delivered
     ended: bool = False  # its last event (Finished or Failed) is in the outbox or delivered
     released: bool = False  # its row and its place in flight are given back
@@ -420,7 +429,7 @@ class Engine(Admission):
 
     def _start(self, works: list[_Work]) -> None:
         """Give admitted requests rows: prefill their prompts together and sample their first tokens.
-        If the prefill raises, only these requests fail."""
+        Whatever one request causes to fail ends that request alone."""
         starting = []
         for work in works:
             request = work.request
@@ -429,50 +438,88 @@ class Engine(Admission):
             try:
                 work.seq = Sequence(request.prompt_ids, request.max_new_tokens, request.params,
                                     self.tokenizer.decode, self.tokenizer.vocab_size,
-                                    self.model.config.block_size, request.stop)
+                                    self.model.config.block_size, request.stop, request.min_tokens,
+                                    request.logprobs)
+                if request.prompt_logprobs is not None:
+                    work.prompt_scores = self._score_prompt(request.prompt_ids, request.prompt_logprobs)
             except Exception as error:
                 logger.exception("a request could not start")
-                work.emit(Failed("generation", f"generation failed: {type(error).__name__}"))
+                work.emit(failure(error))
                 continue
-            if work.seq.finish_reason:  # max_new_tokens == 0: nothing to compute
+            if work.seq.finish_reason:  # max_new_tokens == 0: nothing to generate
                 work.emit(self._finished(work))
                 continue
-            work.row = self._free_rows.pop()
+            work.row = work.seq.row = self._free_rows.pop()
             self._running.append(work)
             starting.append(work)
         if starting:
-            self._run_model(starting, "prefill", lambda seqs: start_rows(
-                self.model, self.cache, seqs, [w.row for w in starting]))
+            self._run_model(starting, "prefill")
+
+    def _score_prompt(self, prompt_ids: list[int], top_n: int) -> tuple[TokenLogprob | None, ...]:
+        if not prompt_ids:
+            return ()
+        scores = score(self.model, prompt_ids, top_n)
+        return (None, *(TokenLogprob(token, logprob, tuple(top)) for token, logprob, top in scores))
 
     def _decode_step(self) -> None:
-        """One batched decode step over every running row. If it raises, only this batch fails."""
+        """One batched decode step over every running row."""
         batch = [w for w in self._running if not w.ended]
         if not batch:
             return
         self.decode_steps += 1
-        self._run_model(batch, "decode step", lambda seqs: advance(self.model, self.cache, seqs))
+        self._run_model(batch, "decode step")
 
-    def _run_model(self, works: list[_Work], what: str,
-                   step: Callable[[list[Sequence]], list[str]]) -> None:
-        """Run `step` over these requests' sequences and hand each its new text. If it raises, only
-        these requests fail."""
+    def _run_model(self, works: list[_Work], what: str) -> None:
+        """Sample these requests' next tokens in one batched step and hand each its new text. If the
+        step raises, it runs again for each request alone (the draws are a function of seed and
+        position, so every other request gets exactly what it would have): only the requests that
+        fail alone fail. A failure of every row alone belongs to no request (the model, out of
+        memory): those rows fail, and the engine goes on."""
+        seqs = [w.seq for w in works]
         try:
-            texts = step([w.seq for w in works])
+            sampled = step_tokens(self.model, self.cache, seqs)
         except Exception as error:
-            logger.exception("%s failed for %d rows", what, len(works))
+            if len(works) == 1:
+                logger.exception("%s failed for 1 row", what)
+                works[0].emit(failure(error))
+                return
+            logger.exception("%s failed for %d rows; running each row alone", what, len(works))
+            failures = 0
             for work in works:
-                work.emit(Failed("generation", f"generation failed: {type(error).__name__}"))
+                try:
+                    alone = step_tokens(self.model, self.cache, [work.seq])
+                except Exception as alone_error:
+                    failures += 1
+                    work.emit(failure(alone_error))
+                else:
+                    self._accept(work, alone, 0, time.perf_counter())
+            if failures == len(works):
+                logger.error("%s failed for each of its %d rows alone too: not one request's doing",
+                             what, len(works))
+            elif failures:
+                logger.warning("%s: %d of %d rows failed alone and were ended", what, failures, len(works))
             return
-        for work, text in zip(works, texts, strict=True):
-            self._accept(work, text)
-
-    def _accept(self, work: _Work, text: str) -> None:
         now = time.perf_counter()
+        for i, work in enumerate(works):
+            self._accept(work, sampled, i, now)
+
+    def _accept(self, work: _Work, sampled: Sampled, i: int, now: float) -> None:
+        """Row i of `sampled` is this request's next token: accept it and emit what it releases."""
+        seq, token, logprob = work.seq, sampled.tokens[i], sampled.logprobs[i]
+        top = sampled.top[i] if sampled.top is not None else None
+        try:
+            text = seq.accept(token, logprob, top)
+        except Exception as error:
+            logger.exception("a request failed accepting its token")
+            work.emit(failure(error))
+            return
         if work.first_token_at is None:
             work.first_token_at = now
-        if text:
+        if seq.logprobs is not None:
+            work.emit(TextChunk(text, now, TokenLogprob(token, logprob, tuple(seq.last_top))))
+        elif text:
             work.emit(TextChunk(text, now))
-        if work.seq.finish_reason:
+        if seq.finish_reason:
             work.emit(self._finished(work))
 
     def _finished(self, work: _Work) -> Finished:
@@ -487,6 +534,8 @@ class Engine(Admission):
             queue_s=work.admitted_at - work.submitted_at,
             time_to_first_token_s=(work.first_token_at or now) - work.submitted_at,
             total_s=now - work.submitted_at,
+            cumulative_logprob=seq.cumulative_logprob,
+            prompt_logprobs=work.prompt_scores,
         )
 
     def _settle(self, works: list[_Work]) -> None:
@@ -548,6 +597,11 @@ class Engine(Admission):
             torch.cuda.synchronize()
         logger.info("warm-up at batch %d, context %d: %.2f s", self.max_batch_size, context,
                     time.perf_counter() - started)
+
+
+def failure(error: BaseException) -> Failed:
+    """A request's `generation` failure, naming the exception's type (its text stays in the log)."""
+    return Failed("generation", f"generation failed: {type(error).__name__}")
 
 
 async def drain_in_flight(in_flight: Callable[[], int], abort: Callable[[Failed], None],

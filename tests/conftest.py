@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from gpt import GPT, PRESETS, CharTokenizer, GPTConfig, save_checkpoint
+from service.engine import Engine
 from training import data
 
 # The suite's models are tiny: one thread beats two, whose hand-offs cost more than the work.
@@ -65,3 +69,25 @@ def fresh_dynamo_caches():
     object in a process (torch._dynamo.config.recompile_limit); the suite compiles more than that."""
     yield
     torch._dynamo.reset()
+
+
+MakeEngine = Callable[..., Engine]
+
+
+@pytest.fixture
+def make_engine(tiny_model: GPT, tokenizer: CharTokenizer) -> MakeEngine:
+    engines = []
+
+    def make(warm_up_s: float = 30, **options: Any) -> Engine:
+        engine = Engine(tiny_model, tokenizer, **{"max_batch_size": 4, "max_queue": 8, **options})
+        engine.start()
+        deadline = time.monotonic() + warm_up_s
+        while not engine.ready:
+            assert time.monotonic() < deadline, "the engine did not warm up"
+            time.sleep(0.01)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.shutdown()

@@ -1,20 +1,17 @@
 """The engine in-process, on the tiny random model: continuous batching keeps each request's text
 what it would be alone, cancelled rows are freed within two decode steps, the queue is bounded,
-a failing decode step fails only its batch, and drain ends what cannot finish."""
+and drain ends what cannot finish (faults: tests/test_engine_faults.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 import pytest
 
 from gpt import GPT, CharTokenizer, SamplingParams, generate
-from service import engine as engine_module
 from service.engine import (
-    Engine,
     EngineUnavailable,
     Failed,
     Finished,
@@ -23,27 +20,7 @@ from service.engine import (
     RequestHandle,
     TextChunk,
 )
-
-MakeEngine = Callable[..., Engine]
-
-
-@pytest.fixture
-def make_engine(tiny_model: GPT, tokenizer: CharTokenizer) -> MakeEngine:
-    engines = []
-
-    def make(warm_up_s: float = 30, **options: Any) -> Engine:
-        engine = Engine(tiny_model, tokenizer, **{"max_batch_size": 4, "max_queue": 8, **options})
-        engine.start()
-        deadline = time.monotonic() + warm_up_s
-        while not engine.ready:
-            assert time.monotonic() < deadline, "the engine did not warm up"
-            time.sleep(0.01)
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.shutdown()
+from tests.conftest import MakeEngine
 
 
 def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
@@ -146,31 +123,6 @@ def test_full_queue_refuses_at_once_and_waiting_times_out(make_engine: MakeEngin
 
     waited = run(scenario())
     assert isinstance(waited, Failed) and waited.error_type == "queue_timeout"
-
-
-def test_a_failing_decode_step_fails_only_its_batch(make_engine: MakeEngine, tokenizer: CharTokenizer,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = make_engine(max_batch_size=2)
-    real_advance, calls = engine_module.advance, {"n": 0}
-
-    def advance_failing_once(*args: Any) -> list[str]:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected fault")
-        return real_advance(*args)
-
-    monkeypatch.setattr(engine_module, "advance", advance_failing_once)
-
-    async def scenario() -> list[tuple[str, Finished | Failed]]:
-        batch = [engine.submit(request(tokenizer, max_new_tokens=1000, seed=n)) for n in range(2)]
-        queued = engine.submit(request(tokenizer, max_new_tokens=20, seed=9))  # no row yet: not in the batch
-        return await asyncio.gather(*(outcome(h) for h in [*batch, queued]))
-
-    (text_a, end_a), (text_b, end_b), (text_c, end_c) = run(scenario())
-    assert isinstance(end_a, Failed) and isinstance(end_b, Failed) and end_a.error_type == "generation"
-    assert len(text_a) == len(text_b) == 3  # the first token, then two good steps
-    assert isinstance(end_c, Finished) and len(text_c) == 20
-    assert engine.ready and engine.running_rows == 0
 
 
 def test_zero_new_tokens_stop_strings_and_long_prompts(make_engine: MakeEngine,

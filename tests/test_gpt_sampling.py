@@ -1,103 +1,218 @@
-"""Sampling functions, each on its own."""
+"""The batched sampler: each processor on its own, the counter-based noise, and whole steps."""
+
+import math
 
 import pytest
 import torch
 
 from gpt.sampling import (
+    Row,
     SamplingParams,
+    apply_presence_frequency,
     apply_repetition_penalty,
-    apply_top_k,
-    apply_top_p,
-    greedy_tokens,
-    is_plain_greedy,
-    make_generator,
-    sample_token,
+    apply_temperature,
+    dense_bias,
+    exponentials,
+    mix64,
+    sample_rows,
+    sorted_filters_mask,
+    typical_mask,
+    uniforms,
 )
 
-NOTHING_SEEN = torch.zeros(5, dtype=torch.bool)
+MASK = 2**64 - 1
 
 
-def test_temperature_zero_is_argmax():
-    logits = torch.tensor([0.1, 2.0, -1.0, 1.9, 0.0])
-    generator, _ = make_generator(0)
-    assert sample_token(logits, SamplingParams(temperature=0), NOTHING_SEEN, generator) == 1
+def splitmix_finaliser(x: int) -> int:
+    """splitmix64's finaliser in plain Python integers (Steele, Lea and Flood 2014)."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK
+    return x ^ (x >> 31)
 
 
-def test_batched_greedy_is_each_rows_argmax():
+def as_signed(x: int) -> int:
+    return x - 2**64 if x >= 2**63 else x
+
+
+def kept(logits: torch.Tensor, drop: torch.Tensor) -> list[bool]:
+    return (~drop).tolist()[0]
+
+
+def column(*values, dtype=torch.float32):
+    return torch.tensor(values, dtype=dtype)[:, None]
+
+
+def test_mix64_is_splitmix64_with_wrapping_int64_arithmetic():
+    values = [0, 1, 2**63 - 1, 2**63, 2**64 - 1, 0x123456789ABCDEF0, 42]
+    got = mix64(torch.tensor([as_signed(v) for v in values])).tolist()
+    assert got == [as_signed(splitmix_finaliser(v)) for v in values]
+
+
+def test_uniforms_are_in_the_open_interval_and_look_uniform():
+    u = uniforms(torch.arange(64), torch.arange(64) * 7, 4096)
+    assert 0 < u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.005
+    assert abs(u.var().item() - 1 / 12) < 0.002
+    # Neighbouring seeds, positions and columns are not correlated.
+    assert abs(torch.corrcoef(torch.stack([u[:-1].flatten(), u[1:].flatten()]))[0, 1]) < 0.01
+
+
+def test_noise_depends_on_seed_and_position_only_not_on_the_batch():
+    seeds, positions = torch.tensor([7, 7, 8, 2**62]), torch.tensor([0, 1, 0, 5])
+    together = exponentials(seeds, positions, 65)
+    for i in range(4):
+        assert torch.equal(exponentials(seeds[i:i + 1], positions[i:i + 1], 65)[0], together[i])
+    assert not torch.equal(together[0], together[1]) and not torch.equal(together[0], together[2])
+
+
+def test_temperature_zero_is_argmax_of_each_row():
     torch.manual_seed(0)
     logits = torch.randn(6, 65)
-    generator, _ = make_generator(0)
-    assert greedy_tokens(logits) == [sample_token(row, SamplingParams(temperature=0), None, generator)
-                                     for row in logits]
-    # A repetition penalty changes the logits first: such rows are not shared greedy rows.
-    assert is_plain_greedy(SamplingParams(temperature=0))
-    assert not is_plain_greedy(SamplingParams(temperature=0, repetition_penalty=1.3))
-    assert not is_plain_greedy(SamplingParams(temperature=0.7))
+    sampled = sample_rows(logits, [Row(SamplingParams(temperature=0), seed=i) for i in range(6)])
+    assert sampled.tokens == logits.argmax(-1).tolist()
 
 
 def test_top_k_one_equals_greedy():
     torch.manual_seed(0)
-    for _ in range(20):
-        logits = torch.randn(5)
-        generator, _ = make_generator(None)
-        picked = sample_token(logits, SamplingParams(temperature=1.5, top_k=1), NOTHING_SEEN, generator)
-        assert picked == int(torch.argmax(logits))
+    logits = torch.randn(20, 5)
+    rows = [Row(SamplingParams(temperature=1.5, top_k=1), seed=i) for i in range(20)]
+    assert sample_rows(logits, rows).tokens == logits.argmax(-1).tolist()
 
 
-def test_top_k_keeps_the_k_largest():
-    kept = apply_top_k(torch.tensor([1.0, 5.0, 3.0, 4.0, 2.0]), 3)
-    assert torch.isfinite(kept).tolist() == [False, True, True, True, False]
+def test_top_k_keeps_the_k_largest_per_row():
+    sorted_logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]] * 2)
+    top_k = column(3, 5, dtype=torch.long)
+    drop = sorted_filters_mask(sorted_logits, top_k, column(2.0, 2.0), column(0.0, 0.0))
+    assert (~drop).tolist() == [[True, True, True, False, False], [True] * 5]
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
-    probs = torch.tensor([0.05, 0.5, 0.15, 0.3, 0.0])
-    logits = torch.log(probs)
+    sorted_logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]]))
+
+    def top_p(p: float) -> list[bool]:
+        return kept(sorted_logits, sorted_filters_mask(sorted_logits, column(5, dtype=torch.long), column(p),
+                                                       column(0.0)))
+
     # 0.5 alone does not reach 0.7; 0.5 + 0.3 does, so two are kept.
-    assert torch.isfinite(apply_top_p(logits, 0.7)).tolist() == [False, True, False, True, False]
-    # Exactly reaching p needs no more characters.
-    assert torch.isfinite(apply_top_p(logits, 0.8)).tolist() == [False, True, False, True, False]
-    assert torch.isfinite(apply_top_p(logits, 0.81)).tolist() == [False, True, True, True, False]
-    # The most likely character is always kept.
-    assert torch.isfinite(apply_top_p(logits, 0.01)).tolist() == [False, True, False, False, False]
+    assert top_p(0.7)[:3] == [True, True, False]
+    assert top_p(0.81)[:4] == [True] * 3 + [False]
+    # The most likely character is always kept, even for a p that rounds to 0 in float32.
+    for p in (0.01, 5e-324, 0.0):
+        assert top_p(p) == [True] + [False] * 4
 
 
-@pytest.mark.parametrize("p", [5e-324, 1e-46, 1e-300])
-def test_a_top_p_that_rounds_to_zero_in_float32_still_keeps_the_most_likely_character(p):
-    logits = torch.log(torch.tensor([0.05, 0.5, 0.15, 0.3]))
-    assert torch.isfinite(apply_top_p(logits, p)).tolist() == [False, True, False, False]
-    params = SamplingParams(temperature=1.0, top_p=p)
-    assert sample_token(logits, params, None, torch.Generator().manual_seed(0)) == 1
+def test_min_p_keeps_characters_at_least_that_fraction_of_the_most_likely():
+    sorted_logits = torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04]]))
+    drop = sorted_filters_mask(sorted_logits, column(5, dtype=torch.long), column(2.0), column(0.15))
+    assert kept(sorted_logits, drop) == [True, True, True, False, False]  # at least 0.075
+    drop = sorted_filters_mask(sorted_logits, column(5, dtype=torch.long), column(2.0), column(1.0))
+    assert kept(sorted_logits, drop) == [True, False, False, False, False]
+
+
+def test_typical_p_keeps_the_characters_closest_to_the_entropy():
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    logits = torch.log(probs)
+    entropy = -(probs * logits).sum()
+    distance = (-logits[0] - entropy).abs()
+    order = distance.argsort().tolist()
+    drop = typical_mask(logits, column(probs[0, order[0]].item() + 0.01))
+    # The most typical character, then the next one to reach the mass, and the most likely.
+    expected = {order[0], order[1], 0}
+    assert {i for i in range(4) if not drop[0, i]} == expected
+    assert not typical_mask(logits, column(2.0)).any()
 
 
 def test_repetition_penalty_lowers_seen_characters_only():
-    logits = torch.tensor([2.0, -2.0, 2.0, -2.0, 1.0])
-    seen = torch.tensor([True, True, False, False, False])
-    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [1.0, -4.0, 2.0, -2.0, 1.0]
+    logits = torch.tensor([[2.0, -2.0, 2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False, False, False]])
+    assert apply_repetition_penalty(logits, seen, column(2.0)).tolist() == [[1.0, -4.0, 2.0, -2.0, 1.0]]
 
 
-def test_same_seed_same_draws():
-    logits = torch.zeros(5)
-    draws = []
-    for _ in range(2):
-        generator, seed = make_generator(42)
-        draws.append([sample_token(logits, SamplingParams(), NOTHING_SEEN, generator) for _ in range(30)])
-        assert seed == 42
-    assert draws[0] == draws[1]
-    assert len(set(draws[0])) > 1
+def test_presence_and_frequency_penalties_follow_openais_formula():
+    logits = torch.zeros(1, 4)
+    counts = torch.tensor([[0.0, 1.0, 3.0, 0.0]])
+    got = apply_presence_frequency(logits, counts, column(0.5), column(0.25))
+    assert got.tolist() == [[0.0, -0.75, -1.25, 0.0]]
+
+
+def test_logit_bias_is_added_before_sampling_and_can_force_a_character():
+    bias = dense_bias(((3, 100.0), (0, -100.0)), 5)
+    assert bias.tolist() == [-100.0, 0.0, 0.0, 100.0, 0.0]
+    logits = torch.tensor([[5.0, 1.0, 0.0, 0.0, 0.0]])
+    for seed in range(20):
+        assert sample_rows(logits, [Row(SamplingParams(temperature=1.0), seed=seed, bias=bias)]).tokens == [3]
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        dense_bias(((5, 1.0),), 5)
+
+
+def test_extreme_temperatures_never_make_nan():
+    logits = torch.tensor([[1e4, -1e4, 3.0]])
+    assert torch.isfinite(apply_temperature(logits, column(1e-30))).all()
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1e-30), SamplingParams(temperature=100.0, top_p=5e-324),
+    SamplingParams(repetition_penalty=1e30, temperature=1e-20), SamplingParams(repetition_penalty=1e-30),
+    SamplingParams(top_k=10**9, top_p=1e-45, min_p=1.0), SamplingParams(typical_p=1e-40, temperature=1e-6),
+    SamplingParams(presence_penalty=1e38, frequency_penalty=1e38, temperature=0.001),
+])
+def test_hostile_settings_still_sample_a_valid_token(params):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 65) * 30
+    seen = torch.ones(65, dtype=torch.bool)
+    counts = torch.full((65,), 2.0)
+    sampled = sample_rows(logits, [Row(params, seed=s, seen=seen, counts=counts) for s in range(3)])
+    assert all(0 <= token < 65 for token in sampled.tokens)
+    assert all(math.isfinite(lp) for lp in sampled.logprobs)
+
+
+def test_same_seed_same_token_alone_or_in_any_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(8, 65)
+    settings = [SamplingParams(), SamplingParams(temperature=0.8, top_k=20), SamplingParams(top_p=0.9),
+                SamplingParams(temperature=0), SamplingParams(min_p=0.05, temperature=1.3),
+                SamplingParams(typical_p=0.8), SamplingParams(repetition_penalty=1.3, seed=3),
+                SamplingParams(presence_penalty=1.0, frequency_penalty=0.5)]
+    seen, counts = torch.rand(65) > 0.5, torch.randint(0, 3, (65,)).float()
+    rows = [Row(p, seed=100 + i, position=i, seen=seen, counts=counts) for i, p in enumerate(settings)]
+    together = sample_rows(logits, rows, top_n=3)
+    for i in range(8):
+        alone = sample_rows(logits[i:i + 1], [rows[i]], top_n=3)
+        assert alone.tokens[0] == together.tokens[i]
+        assert alone.logprobs[0] == pytest.approx(together.logprobs[i], abs=1e-6)
 
 
 def test_sampling_follows_the_distribution():
-    """2,000 draws from p = (0.7, 0.2, 0.1, 0, 0): each frequency within 0.05 of p. With a fixed
-    seed this is deterministic; for a random seed the chance of a false failure is below 1e-6."""
-    logits = torch.log(torch.tensor([0.7, 0.2, 0.1, 0.0, 0.0]))
-    generator, _ = make_generator(3)
-    counts = torch.bincount(torch.tensor([sample_token(logits, SamplingParams(), NOTHING_SEEN, generator)
-                                          for _ in range(2000)]), minlength=5)
-    assert torch.allclose(counts / 2000, torch.tensor([0.7, 0.2, 0.1, 0.0, 0.0]), atol=0.05)
+    """4,000 draws (one per position) from p = (0.7, 0.2, 0.1, 0, 0): each frequency within 0.03."""
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1, 0.0, 0.0]])).expand(4000, 5)
+    rows = [Row(SamplingParams(), seed=3, position=i) for i in range(4000)]
+    counts = torch.bincount(torch.tensor(sample_rows(logits, rows).tokens), minlength=5)
+    assert torch.allclose(counts / 4000, torch.tensor([0.7, 0.2, 0.1, 0.0, 0.0]), atol=0.03)
+
+
+def test_filtered_draws_follow_the_renormalised_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]])).expand(4000, 4)
+    rows = [Row(SamplingParams(top_k=2), seed=9, position=i) for i in range(4000)]
+    counts = torch.bincount(torch.tensor(sample_rows(logits, rows).tokens), minlength=4)
+    assert torch.allclose(counts / 4000, torch.tensor([2 / 3, 1 / 3, 0.0, 0.0]), atol=0.03)
+
+
+def test_logprobs_are_the_raw_distributions_with_the_top_alternatives():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 65)
+    rows = [Row(SamplingParams(temperature=0.5, top_k=3), seed=1), Row(SamplingParams(temperature=0), seed=2)]
+    sampled = sample_rows(logits, rows, top_n=5)
+    raw = torch.log_softmax(logits, -1)
+    for i, token in enumerate(sampled.tokens):
+        assert sampled.logprobs[i] == pytest.approx(raw[i, token].item(), abs=1e-6)
+        ids = [t for t, _ in sampled.top[i]]
+        assert ids == raw[i].topk(5).indices.tolist()
+        assert [lp for _, lp in sampled.top[i]] == pytest.approx(raw[i].topk(5).values.tolist(), abs=1e-6)
+    assert sample_rows(logits, rows).top is None
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5),
-                                 dict(repetition_penalty=0)])
+                                 dict(repetition_penalty=0), dict(min_p=1.5), dict(typical_p=0.0)])
 def test_invalid_params_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

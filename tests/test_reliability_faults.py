@@ -8,6 +8,7 @@ does not slow the others down.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import pickle
@@ -27,10 +28,11 @@ import torch
 import uvicorn
 
 from service import __main__ as service_main
-from service import engine as engine_module
 from service.app import create_app
 from service.settings import Settings
 from tests.server_utils import REPO, free_port, running_server
+
+generate_module = importlib.import_module("gpt.generate")  # the module (gpt.generate is also a function)
 
 LONG = 100_000  # new characters for requests that must still be running when the test acts
 
@@ -204,15 +206,15 @@ def test_a_failing_decode_step_fails_only_its_batch_and_the_service_goes_on(
                         keepalive_s=0.2)
     app = create_app(settings)
     engine = app.state.service.engine
-    armed, real_advance = threading.Event(), engine_module.advance
+    # The model step fails for the batch and for each row alone: no one request's doing.
+    armed, real_decode = threading.Semaphore(0), generate_module.decode_step
 
-    def advance_or_fail(*args: object) -> list[str]:
-        if armed.is_set():
-            armed.clear()
+    def decode_or_fail(*args: object) -> torch.Tensor:
+        if armed.acquire(blocking=False):
             raise RuntimeError("injected decode fault")
-        return real_advance(*args)
+        return real_decode(*args)
 
-    monkeypatch.setattr(engine_module, "advance", advance_or_fail)
+    monkeypatch.setattr(generate_module, "decode_step", decode_or_fail)
     long_native = {"inputs": "CAESAR:", "parameters": {"max_new_tokens": LONG}}
     long_openai = {"model": "tiny", "prompt": "CAESAR:", "max_tokens": LONG, "stream": True}
     with serve_in_thread(app) as base_url, ThreadPoolExecutor(4) as pool:
@@ -223,7 +225,7 @@ def test_a_failing_decode_step_fails_only_its_batch_and_the_service_goes_on(
         queued = pool.submit(httpx.post, f"{base_url}/generate", timeout=60,
                              json={"inputs": "BRUTUS:", "parameters": {"max_new_tokens": 20}})
         wait_until(lambda: engine.queue_size == 1)
-        armed.set()
+        armed.release(4)  # the step of 3 rows, then each row alone
 
         native_events = native.result(timeout=60)
         assert len(native_events) >= 2 and "token" in json.loads(native_events[0])

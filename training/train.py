@@ -38,6 +38,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gpt import GPT, PRESETS, CharTokenizer, CheckpointError, GPTConfig, load_checkpoint, save_checkpoint
 from gpt.checkpoint import read_config
+from gpt.scoring import sliding_windows
 from training.config import DEFAULT_MAX_STEPS, MIN_LR_RATIO, TrainConfig
 from training.data import Corpus, encode_corpus, load_corpus, sample_batch, split, write_atomically
 
@@ -141,15 +142,7 @@ def held_out_loss(model: GPT, ids: torch.Tensor, device: torch.device, dtype: to
     it (except at the very start). Deterministic, so evaluations of different runs compare exactly.
     `block_size` (default: the model's context) is the window, for models trained on shorter ones.
     """
-    block_size = block_size or model.config.block_size
-    stride = max(1, block_size // 2)
-    windows, scored_to = [], 0  # (begin, end, targets to score); inputs ids[begin:end], targets shifted by 1
-    for begin in range(0, len(ids) - 1, stride):
-        end = min(begin + block_size, len(ids) - 1)
-        windows.append((begin, end, end - scored_to))
-        scored_to = end
-        if end == len(ids) - 1:
-            break
+    windows = sliding_windows(len(ids), block_size or model.config.block_size)
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, counted targets
