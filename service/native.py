@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -255,15 +256,16 @@ async def stream_steps(service: Service, request: Request, handles: Sequence[Req
     try:
         if opening:
             yield encode_events(opening)
-        async for row, chunks, finished in service.merged_steps(handles):
-            if finished is not None:
-                finished_rows.append(finished)
-                if len(finished_rows) == len(handles):
-                    ended = True
-                    log_fields(request, stream=True, finished=finished_rows)
-            events = payloads(row, chunks, finished)
-            if events:
-                yield encode_events(events)
+        async with aclosing(service.merged_steps(handles)) as steps:  # closed here: its tasks end with it
+            async for row, chunks, finished in steps:
+                if finished is not None:
+                    finished_rows.append(finished)
+                    if len(finished_rows) == len(handles):
+                        ended = True
+                        log_fields(request, stream=True, finished=finished_rows)
+                events = payloads(row, chunks, finished)
+                if events:
+                    yield encode_events(events)
     except APIError as error:
         ended = True
         cancel_all(handles)
