@@ -17,6 +17,7 @@ import torch
 
 from gpt.model import GPT, CacheRows, DecodeRows, KVCache
 from gpt.sampling import Sampled, SamplingParams, dense_bias, new_seed, sample_rows
+from gpt.tensors import long_tensor
 
 MAX_STOP_STRINGS = 4
 
@@ -177,7 +178,7 @@ def decode_step(model: GPT, cache: KVCache, rows: list[int], tokens: list[int]) 
     if cache.compiled_step is not None:
         logits = cache.compiled_step(rows, tokens)
     else:
-        idx = torch.tensor(tokens, device=cache.k[0].device)[:, None]
+        idx = long_tensor(tokens, cache.k[0].device)[:, None]
         logits = model.forward_cached(idx, cache, rows, [cache.lengths[r] for r in rows])[:, -1]
     for r in rows:
         cache.lengths[r] += 1
@@ -254,8 +255,8 @@ def compile_rows_decode(model: GPT, cache: KVCache, **compile_options: Any) -> N
         start = [cache.lengths[r] for r in rows]
         cache.check_position(max(start))  # the eager path's error, before the graph runs
         with torch._inductor.config.patch(CPU_GEMM_CONFIG):
-            return compiled(torch.tensor(tokens, device=device)[:, None], torch.tensor(rows, device=device),
-                            torch.tensor(start, device=device), torch.arange(max(start) + 1, device=device))
+            return compiled(long_tensor(tokens, device)[:, None], long_tensor(rows, device),
+                            long_tensor(start, device), torch.arange(max(start) + 1, device=device))
 
     cache.compiled_step = step
 
@@ -322,7 +323,7 @@ def step_tokens(model: GPT, cache: KVCache, seqs: list[Sequence]) -> Sampled:
         else:
             if logits is None:
                 logits = step_logits.new_empty(len(seqs), step_logits.size(-1))
-            logits[torch.tensor(decoding, device=logits.device)] = step_logits
+            logits[long_tensor(decoding, logits.device)] = step_logits
     top_n = max((seq.logprobs or 0 for seq in seqs), default=0)
     return sample_rows(logits, seqs, top_n)
 
@@ -344,7 +345,7 @@ def _prefill_contexts(model: GPT, cache: KVCache, seqs: list[Sequence], indices:
                                     [seqs[i].context() for i in members])
         if logits is None:
             logits = group_logits.new_empty(len(seqs), group_logits.size(-1))
-        logits[torch.tensor(members, device=logits.device)] = group_logits
+        logits[long_tensor(members, logits.device)] = group_logits
     return logits
 
 

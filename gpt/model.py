@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from gpt.tensors import long_tensor
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -108,9 +110,9 @@ class CacheRows:
     def build(cls, rows: list[int], start: list[int], new: int, device: torch.device) -> CacheRows:
         """Rows `rows`, the first new token of row i at position start[i], `new` tokens each."""
         length = max(start) + new  # attend only as far as the furthest of these rows has reached
-        positions = torch.tensor(start, device=device)[:, None] + torch.arange(new, device=device)
+        positions = long_tensor(start, device)[:, None] + torch.arange(new, device=device)
         consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
-        index = torch.tensor(rows, device=device)
+        index = long_tensor(rows, device)
         selector = slice(rows[0], rows[0] + len(rows)) if consecutive else index
         if all(s == start[0] for s in start) and (new == 1 or start[0] == 0):
             span = slice(start[0], length)

@@ -6,10 +6,10 @@ frequency penalties, temperature, typical-p, then top-k, top-p and min-p on the 
 most likely character always survives the filters, so no row is ever left without one. Temperature
 0 means greedy (argmax of the penalised logits).
 
-The draw needs no generator state: each row's noise is a hash of (seed, position, character id)
-(splitmix64 on int64 tensors), turned into exponential variables q, and the token is
-argmax(probs / q), which picks i with probability probs[i]. A seed therefore gives the same text
-alone or in any batch, on any device, and a step can be run again with the same result.
+The draw needs no generator state: each row's uniform number is a hash of (seed, position)
+(splitmix64 on int64 tensors, for all rows at once), and the token is where it falls in the row's
+cumulative distribution. A seed therefore gives the same text alone or in any batch, on any device,
+and a step can be run again with the same result.
 """
 
 from __future__ import annotations
@@ -17,9 +17,13 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from itertools import chain
 from typing import Protocol
 
 import torch
+
+from gpt.tensors import float_tensor, long_tensor
 
 MAX_TOP_LOGPROBS = 5
 
@@ -50,6 +54,14 @@ class SamplingParams:
             raise ValueError("min_p must be in [0, 1]")
         if self.typical_p is not None and not 0 < self.typical_p <= 1:
             raise ValueError("typical_p must be in (0, 1]")
+
+    @cached_property
+    def row_settings(self) -> tuple[float, float, float, float, float]:
+        """Temperature, top-k, top-p, min-p and typical-p as the batched sampler's columns, with
+        the off values that change nothing (k = 2**24, any p past 1 taken as 2, min-p 0)."""
+        return (self.temperature or 1.0, float(self.top_k or 2**24),
+                self.top_p if (self.top_p or 1.0) < 1.0 else 2.0, self.min_p or 0.0,
+                self.typical_p if (self.typical_p or 1.0) < 1.0 else 2.0)
 
     @property
     def greedy(self) -> bool:
@@ -97,18 +109,17 @@ def mix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shift_right(x, 31)
 
 
-def uniforms(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Uniform numbers in (0, 1), (R, V) float32: a function of each row's (seed, position) (R,)
-    int64 and the column alone, the same on every device."""
-    row_keys = mix64(mix64(seeds + GOLDEN_GAMMA) + positions * GOLDEN_GAMMA)
-    columns = torch.arange(1, vocab_size + 1, device=seeds.device) * GOLDEN_GAMMA
-    bits = _shift_right(mix64(row_keys[:, None] + columns), 40)  # the top 24 bits
-    return (bits.float() + 0.5) * 2.0**-24
+@lru_cache(maxsize=4096)
+def seed_key(seed: int) -> int:
+    """A seed's own stream key (int64), computed once per seed: splitmix64 of the seed."""
+    return int(mix64(torch.tensor([_signed(seed + 0x9E3779B97F4A7C15)]))[0])
 
 
-def exponentials(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Exponential(1) variables, (R, V), from the same counters."""
-    return -torch.log(uniforms(seeds, positions, vocab_size))
+def uniforms(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One uniform number in (0, 1) per row, float64: a function of the row's seed key (`seed_key`)
+    and position (int64 tensors (R,)) alone, the same on every device."""
+    bits = _shift_right(mix64(keys + positions * GOLDEN_GAMMA), 11)  # the top 53 bits
+    return (bits.double() + 0.5) * 2.0**-53
 
 
 # --- Logits processors over (R, V), each row with its own setting --------------------------------
@@ -128,9 +139,14 @@ def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presenc
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """Divide each row by its temperature (R, 1); infinities from overflow become float32's
-    largest finite numbers, so a row never turns into NaN."""
-    return torch.nan_to_num(logits / temperature)
+    """Divide each row by its temperature (R, 1)."""
+    return logits / temperature
+
+
+def finite(logits: torch.Tensor) -> torch.Tensor:
+    """Infinities from overflow (a tiny temperature, an extreme penalty) as float32's largest finite
+    numbers, so that no row turns into NaN and the most likely character stays the most likely."""
+    return torch.nan_to_num(logits)
 
 
 def typical_mask(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
@@ -151,7 +167,7 @@ def typical_mask(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
 def sorted_filters_mask(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                         min_p: torch.Tensor) -> torch.Tensor:
     """True for the sorted entries (R, V, most likely first) that top-k (R, 1) long, top-p (R, 1)
-    and min-p (R, 1) drop. Off values: k = V, p >= 1 (taken as 2, beyond any rounding of the sum),
+    and min-p (R, 1) drop. Off values: k >= V, p >= 1 (taken as 2, beyond any rounding of the sum),
     min_p = 0. The first entry is always kept."""
     probs = torch.softmax(sorted_logits, dim=-1)
     ranks = torch.arange(sorted_logits.size(-1), device=sorted_logits.device)
@@ -161,9 +177,12 @@ def sorted_filters_mask(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p:
     return drop
 
 
-def draw(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """One index per row (R,), index i with probability probs[i]: argmax(probs / q) with q ~ Exp(1)."""
-    return (probs / noise).argmax(dim=-1)
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One index per row (R,), index i with probability probs[i] (rows need not sum to 1): where the
+    row's uniform u (R,) falls in its cumulative sum. Entries of probability 0 are never picked."""
+    cumulative = probs.double().cumsum(dim=-1)
+    picked = torch.searchsorted(cumulative, u[:, None] * cumulative[:, -1:], right=True)
+    return picked[:, 0].clamp_(max=probs.size(-1) - 1)
 
 
 # --- One step for a batch of rows ----------------------------------------------------------------
@@ -202,9 +221,8 @@ class Sampled:
     top: list[list[tuple[int, float]]] | None  # None when no row asked for alternatives
 
 
-def _column(values: list[float] | list[int], device: torch.device, dtype: torch.dtype = torch.float32
-            ) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=device)[:, None]
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    return float_tensor(values, device).float()[:, None]
 
 
 def sample_rows(logits: torch.Tensor, rows: SequenceOf[RowState], top_n: int = 0) -> Sampled:
@@ -218,45 +236,50 @@ def sample_rows(logits: torch.Tensor, rows: SequenceOf[RowState], top_n: int = 0
     x = logits
     biased = [i for i, row in enumerate(rows) if row.bias is not None]
     if biased:
-        x = x.index_add(0, torch.tensor(biased, device=device),
+        x = x.index_add(0, long_tensor(biased, device),
                         torch.stack([rows[i].bias for i in biased]).to(device))
     penalized = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
     if penalized:
-        index = torch.tensor(penalized, device=device)
+        index = long_tensor(penalized, device)
         x = x.index_copy(0, index, apply_repetition_penalty(
             x[index], torch.stack([rows[i].seen for i in penalized]).to(device),
             _column([params[i].repetition_penalty for i in penalized], device)))
     counted = [i for i, p in enumerate(params) if p.counts_generated]
     if counted:
-        index = torch.tensor(counted, device=device)
+        index = long_tensor(counted, device)
         x = x.index_copy(0, index, apply_presence_frequency(
             x[index], torch.stack([rows[i].counts for i in counted]).to(device),
             _column([params[i].presence_penalty for i in counted], device),
             _column([params[i].frequency_penalty for i in counted], device)))
-    if biased or penalized or counted:
-        x = torch.nan_to_num(x)
+    overflow_possible = bool(biased or penalized or counted)
 
-    tokens = x.argmax(dim=-1)  # the greedy rows' answer; sampled rows are replaced below
     sampling = [i for i, p in enumerate(params) if not p.greedy]
+    everyone = len(sampling) == len(rows)
+    if not everyone:  # the greedy rows' answer; sampled rows are replaced below
+        tokens = (finite(x) if overflow_possible else x).argmax(dim=-1)
     if sampling:
-        everyone = len(sampling) == len(rows)
-        index = None if everyone else torch.tensor(sampling, device=device)
+        index = None if everyone else long_tensor(sampling, device)
         chosen = [params[i] for i in sampling]
-        y = apply_temperature(x if everyone else x[index], _column([p.temperature for p in chosen], device))
+        settings = float_tensor(chain.from_iterable(p.row_settings for p in chosen), device)
+        temperature, top_k, top_p, min_p, typical_p = settings.float().view(-1, 5).split(1, dim=-1)
+        counters = long_tensor(chain.from_iterable((seed_key(rows[i].seed), rows[i].position)
+                                                   for i in sampling), device).view(-1, 2)
+        u = uniforms(counters[:, 0], counters[:, 1])
+        y = x if everyone else x[index]
+        if any(p.temperature != 1.0 for p in chosen):
+            y = apply_temperature(y, temperature)
+            overflow_possible = overflow_possible or min(p.temperature for p in chosen) < 0.01
+        if overflow_possible:
+            y = finite(y)
         if any((p.typical_p or 1.0) < 1.0 for p in chosen):
-            y = y.masked_fill(typical_mask(y, _column([p.typical_p or 2.0 for p in chosen], device)),
-                              float("-inf"))
-        noise = exponentials(torch.tensor([rows[i].seed for i in sampling], device=device),
-                             torch.tensor([rows[i].position for i in sampling], device=device), vocab_size)
+            y = y.masked_fill(typical_mask(y, typical_p), float("-inf"))
         if any(p.filters for p in chosen):
-            y, order = torch.sort(y, dim=-1, descending=True)
-            y = y.masked_fill(sorted_filters_mask(
-                y, _column([p.top_k or vocab_size for p in chosen], device, torch.long),
-                _column([p.top_p if (p.top_p or 1.0) < 1.0 else 2.0 for p in chosen], device),
-                _column([p.min_p or 0.0 for p in chosen], device)), float("-inf"))
-            picked = order.gather(-1, draw(torch.softmax(y, dim=-1), noise.gather(-1, order))[:, None])[:, 0]
-        else:
-            picked = draw(torch.softmax(y, dim=-1), noise)
+            sorted_y, order = torch.sort(y, dim=-1, descending=True)
+            drop = sorted_filters_mask(sorted_y, top_k.long(), top_p, min_p)
+            # Drawn in vocabulary order, as unfiltered rows are: a row's draw must not depend on
+            # what the other rows of its batch ask for.
+            y = y.masked_fill(torch.empty_like(drop).scatter_(-1, order, drop), float("-inf"))
+        picked = draw(torch.softmax(y, dim=-1), u)
         tokens = picked if everyone else tokens.index_copy(0, index, picked)
 
     chosen_logprobs = log_probs.gather(-1, tokens[:, None])[:, 0]

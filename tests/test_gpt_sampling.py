@@ -12,9 +12,11 @@ from gpt.sampling import (
     apply_repetition_penalty,
     apply_temperature,
     dense_bias,
-    exponentials,
+    draw,
+    finite,
     mix64,
     sample_rows,
+    seed_key,
     sorted_filters_mask,
     typical_mask,
     uniforms,
@@ -49,20 +51,32 @@ def test_mix64_is_splitmix64_with_wrapping_int64_arithmetic():
 
 
 def test_uniforms_are_in_the_open_interval_and_look_uniform():
-    u = uniforms(torch.arange(64), torch.arange(64) * 7, 4096)
-    assert 0 < u.min() and u.max() < 1
-    assert abs(u.mean().item() - 0.5) < 0.005
-    assert abs(u.var().item() - 1 / 12) < 0.002
-    # Neighbouring seeds, positions and columns are not correlated.
-    assert abs(torch.corrcoef(torch.stack([u[:-1].flatten(), u[1:].flatten()]))[0, 1]) < 0.01
+    # Neighbouring seeds at one position, and one seed along its positions: both look uniform.
+    keys = torch.tensor([seed_key(s) for s in range(100_000)])
+    for u in (uniforms(keys, torch.zeros(100_000, dtype=torch.long)),
+              uniforms(torch.full((100_000,), seed_key(7)), torch.arange(100_000))):
+        assert 0 < u.min() and u.max() < 1
+        assert abs(u.mean().item() - 0.5) < 0.005
+        assert abs(u.var().item() - 1 / 12) < 0.002
+        assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1]) < 0.01
+        assert torch.histc(u.float(), bins=10, min=0, max=1).sub(10_000).abs().max() < 500
 
 
 def test_noise_depends_on_seed_and_position_only_not_on_the_batch():
-    seeds, positions = torch.tensor([7, 7, 8, 2**62]), torch.tensor([0, 1, 0, 5])
-    together = exponentials(seeds, positions, 65)
-    for i in range(4):
-        assert torch.equal(exponentials(seeds[i:i + 1], positions[i:i + 1], 65)[0], together[i])
-    assert not torch.equal(together[0], together[1]) and not torch.equal(together[0], together[2])
+    seeds = torch.tensor([seed_key(s) for s in (7, 7, 8, 2**62, 2**64 - 1)])
+    positions = torch.tensor([0, 1, 0, 5, 3])
+    together = uniforms(seeds, positions)
+    for i in range(5):
+        assert uniforms(seeds[i:i + 1], positions[i:i + 1])[0] == together[i]
+    assert len(set(together.tolist())) == 5
+
+
+def test_draw_picks_by_the_cumulative_distribution_and_never_a_zero():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]]).expand(5, 5)
+    u = torch.tensor([1e-12, 0.49, 0.5, 0.51, 1 - 1e-16], dtype=torch.float64)
+    assert draw(probs, u).tolist() == [1, 1, 3, 3, 3]
+    # Rows need not be normalised.
+    assert draw(probs * 3, u).tolist() == [1, 1, 3, 3, 3]
 
 
 def test_temperature_zero_is_argmax_of_each_row():
@@ -147,7 +161,7 @@ def test_logit_bias_is_added_before_sampling_and_can_force_a_character():
 
 def test_extreme_temperatures_never_make_nan():
     logits = torch.tensor([[1e4, -1e4, 3.0]])
-    assert torch.isfinite(apply_temperature(logits, column(1e-30))).all()
+    assert torch.isfinite(finite(apply_temperature(logits, column(1e-30)))).all()
 
 
 @pytest.mark.parametrize("params", [
