@@ -216,7 +216,8 @@ class EngineProcess(Admission):
         except _Stopped:
             return
         except Exception as error:  # noqa: BLE001 - every way to fail the first start is final
-            self._give_up(f"the engine could not start: {error}")
+            if not self._stop.is_set():
+                self._give_up(f"the engine could not start: {error}")
             return
         self._serving(child)
         while True:
@@ -259,6 +260,8 @@ class EngineProcess(Admission):
             except Exception as error:  # noqa: BLE001 - a failed restart, whatever its cause
                 if child is not None:
                     child.kill()
+                if self._stop.is_set():  # shutdown() killed it
+                    return None
                 failures += 1
                 self.restart_failures += 1
                 if failures >= MAX_RESTART_FAILURES:
