@@ -268,6 +268,41 @@ def random_checkpoint(preset: str, folder: Path | None = None) -> Path:
     return path
 
 
+def resolve_checkpoint(checkpoint: str | Path | None = None, preset: str | None = None) -> tuple[Path, str]:
+    """The checkpoint a benchmark runs on, and how to say so: `checkpoint` if given, else random
+    weights of `preset` if given, else the shipped checkpoint (a random `small` where there is none)."""
+    if checkpoint:
+        return Path(checkpoint), f"the checkpoint {checkpoint}"
+    if preset:
+        return random_checkpoint(preset), f"random weights of the `{preset}` preset"
+    if (SHIPPED_CHECKPOINT / "config.json").is_file():
+        return SHIPPED_CHECKPOINT, "the shipped checkpoint (checkpoints/caesar)"
+    return random_checkpoint("small"), "a random-weight `small` checkpoint (none shipped)"
+
+
+class ServerURL(str):
+    """A running server's base URL (a str, as before), with its process id: `.pid`."""
+
+    pid: int
+
+
+def process_cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) used so far by process `pid` itself, and by its children
+    together (the engine process of `python -m service`); (nan, nan) once it is gone."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        own = sum(parent.cpu_times()[:2])
+        children = 0.0
+        for child in parent.children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                children += sum(child.cpu_times()[:2])
+        return own, children
+    except psutil.NoSuchProcess:
+        return float("nan"), float("nan")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -276,15 +311,16 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(command: list[str], port: int, ready_path: str = "/ready",
-                   timeout_s: float = 300.0, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Start a server process on loopback, wait until `ready_path` answers 200, yield its base URL,
-    and stop it (SIGTERM, then SIGKILL) on the way out."""
+                   timeout_s: float = 300.0, env: dict[str, str] | None = None) -> Iterator[ServerURL]:
+    """Start a server process on loopback, wait until `ready_path` answers 200, yield its base URL
+    (with the process id as `.pid`), and stop it (SIGTERM, then SIGKILL) on the way out."""
     import httpx
 
-    base = f"http://127.0.0.1:{port}"
+    base = ServerURL(f"http://127.0.0.1:{port}")
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, **(env or {})})
+    base.pid = process.pid
     try:
         deadline = time.monotonic() + timeout_s
         while True:

@@ -10,7 +10,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from bench import batching, decode, gpu, load, quantize, serving, training  # noqa: E402
+from bench import batching, client, decode, gpu, load, quantize, serving, training  # noqa: E402
+from bench import engine as bench_engine  # noqa: E402
 from bench.common import Table, write_section  # noqa: E402
 from bench.convert_hf import check_same_logits, to_hf  # noqa: E402
 
@@ -89,7 +90,103 @@ def test_serving_quick(tmp_path: Path, capsys, tiny_checkpoint: Path):
     serving.main(["--quick", "--checkpoint", str(tiny_checkpoint), "--threads", "1", "--clients", "1", "2",
                   "--requests", "2", "--new", "8", "--prompt-length", "16", "--docs", str(tmp_path)])
     check_output(capsys.readouterr().out, tmp_path, "serving", "| naive", "| ours", "throughput ours / naive",
-                 "ours N / 1 (chars/s)")
+                 "ours N / 1 (chars/s)", "client CPU (% of a core)", "server CPU (cores)")
+
+
+@pytest.mark.slow
+def test_serving_vs_hf_quick(tmp_path: Path, capsys, tiny_checkpoint: Path):
+    serving.main(["--mode", "hf", "--quick", "--checkpoint", str(tiny_checkpoint), "--threads", "1",
+                  "--hf-threads", THREADS, "--clients", "1", "2", "--new", "8", "--docs", str(tmp_path)])
+    out = capsys.readouterr().out
+    check_output(out, tmp_path, "serving-hf", "| ours (HTTP /generate) ", f"HF generate, {THREADS} thread",
+                 "ours / HF generate", "issue 18's target", "client CPU (% of a core)", "server CPU (cores)")
+    header = (tmp_path / "benchmarks.md").read_text()
+    assert "8 new characters" in header and "prompt 'BRUTUS.\\n'" in header
+
+
+@pytest.mark.slow
+def test_serving_client_check_quick(tmp_path: Path, capsys, tiny_checkpoint: Path):
+    serving.main(["--mode", "client-check", "--quick", "--checkpoint", str(tiny_checkpoint), "--threads", "1",
+                  "--clients", "1", "2", "--requests", "1", "--new", "8", "--prompt-length", "16",
+                  "--docs", str(tmp_path)])
+    check_output(capsys.readouterr().out, tmp_path, "serving-client", "| bench/client.py (own process) ",
+                 "| aiohttp (in the benchmark's process, before) ", "client CPU us/char",
+                 "engine process us/char", "chars/s / curl's")
+
+
+def test_engine_quick(tmp_path: Path, capsys, tiny_checkpoint: Path):
+    bench_engine.main(["--quick", "--checkpoint", str(tiny_checkpoint), "--thread-counts", THREADS,
+                       "--rows", "1", "2", "--steps", "4", "--repeats", "1", "--docs", str(tmp_path)])
+    out = capsys.readouterr().out
+    check_output(out, tmp_path, "engine", "model step us", "whole step us", "engine iteration us",
+                 "outside the model, whole step us/row", "outside the model, engine us/row", "| sampled ",
+                 "| greedy ", "target <= 10")
+    rows = [line for line in out.splitlines() if line.startswith(f"| {THREADS} ")]
+    assert len(rows) == 2 * 2 + 2  # (sampled, greedy) x (1, 2 rows), then the targets at 2 rows
+
+
+def test_load_client_counts_events_over_keep_alive_connections():
+    """bench/client.py against a canned server: chunked SSE split at every byte, keep-alive, and a
+    JSON body; the characters come from generated_text, and a wrong count is a failure."""
+    import socket
+    import threading
+
+    events = [b'data: {"token":{"text":"a"},"generated_text":null}\n\n',
+              b'data: {"token":{"text":"b"},"generated_text":null}\n\n',
+              b'data: {"token":{"text":"c"},"generated_text":"abc"}\n\n']
+    stream = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+    stream = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+              + stream)
+    body = b'{"generated_text": "abcd"}'
+    plain = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+        len(body), body)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve(connection: socket.socket) -> None:
+        with connection:
+            buffer = b""
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = connection.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                while len(buffer) < length:
+                    buffer += connection.recv(65536)
+                buffer = buffer[length:]
+                if b"/generate_stream" in head:
+                    for i in range(len(stream)):  # one byte at a time: every split a read can see
+                        connection.sendall(stream[i:i + 1])
+                else:
+                    connection.sendall(plain)
+
+    def accept() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(connection,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        result = client.run_load(url, "/generate_stream", [{"inputs": "x"}] * 4, 2, check_chars=3)
+        assert not result.failures and len(result.requests) == 4
+        assert all(r.chars == 3 and 0 < r.first_char_s <= r.total_s for r in result.requests)
+        assert result.chars_per_s > 0 and result.client_cpu_s >= 0
+        plain_result = client.run_load(url, "/generate", ["{}"] * 3, 3, check_chars=4)
+        assert not plain_result.failures and [r.chars for r in plain_result.requests] == [4, 4, 4]
+        wrong = client.run_load(url, "/generate_stream", [{"inputs": "x"}], 1, check_chars=5)
+        assert not wrong.requests and "3 chars" in wrong.failures[0]
+        with client.ClientProcess() as worker:  # the same through a process of its own
+            remote = worker.load(url, "/generate_stream", [{"inputs": "x"}] * 2, 1, check_chars=3)
+        assert not remote.failures and [r.chars for r in remote.requests] == [3, 3]
+    finally:
+        listener.close()
 
 
 @pytest.mark.slow
