@@ -27,6 +27,8 @@ from service.schemas import MAX_STOP_STRINGS
 from service.settings import Settings
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+LOGPROBS_NOTE = ("natural logarithms of the model's raw distribution, before temperature, penalties, "
+                 "logit bias and the top-k / top-p / min-p / typical-p filters (as vLLM reports them)")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client left"; nobody receives it, the log does
 
 try:
@@ -128,6 +130,8 @@ async def ready(request: Request) -> JSONResponse:
         status = "draining"
     elif not engine.alive:
         status = "unhealthy"
+    elif engine.restarting:
+        status = "restarting"
     else:
         status = "loading"
     body = {"status": status, "queue": engine.queue_size, "running": engine.running_rows}
@@ -144,9 +148,14 @@ async def info(request: Request) -> schemas.Info:
               "default_max_new_tokens": settings.default_max_new_tokens,
               "max_stop_strings": MAX_STOP_STRINGS, "max_batch_size": settings.max_batch_size,
               "max_queue": settings.max_queue, "max_body_bytes": settings.max_body_bytes,
-              "context": card["context"]}
+              "context": card["context"], "max_logprobs": schemas.MAX_LOGPROBS,
+              "max_top_n_tokens": schemas.MAX_LOGPROBS, "max_n": schemas.MAX_SAMPLES,
+              "max_best_of": schemas.MAX_SAMPLES, "max_prompts": schemas.MAX_PROMPTS,
+              "max_rows_per_request": settings.max_batch_size + settings.max_queue}
+    parameters = {"native": list(schemas.GenerateParameters.model_fields),
+                  "openai": list(schemas.CompletionRequest.model_fields)}
     return schemas.Info(model_id=settings.served_model_name, version=VERSION, model=card, limits=limits,
-                        settings=settings.public_dict())
+                        parameters=parameters, logprobs=LOGPROBS_NOTE, settings=settings.public_dict())
 
 
 @operations.get("/metrics", response_class=Response,

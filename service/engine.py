@@ -164,6 +164,8 @@ class EngineLike(Protocol):
     @property
     def draining(self) -> bool: ...
     @property
+    def restarting(self) -> bool: ...
+    @property
     def alive(self) -> bool: ...
     @property
     def queue_size(self) -> int: ...
@@ -222,10 +224,15 @@ class Admission:
 
     _ready = False
     _draining = False
+    _restarting = False  # a dead engine is being replaced (service/engine_process.py)
 
     @property
     def alive(self) -> bool:
         raise NotImplementedError
+
+    @property
+    def restarting(self) -> bool:
+        return self._restarting
 
     @property
     def ready(self) -> bool:
@@ -242,7 +249,7 @@ class Admission:
         if not self.alive:
             raise EngineUnavailable("unhealthy")
         if not self._ready:
-            raise EngineUnavailable("loading")
+            raise EngineUnavailable("restarting" if self._restarting else "loading")
 
 
 class Engine(Admission):

@@ -331,6 +331,7 @@ class EngineProcess(Admission):
         self.last_start_s = time.monotonic() - child.started_at
         with self._lock:
             self._ready = True
+            self._restarting = False
 
     def _read(self, child: _Child) -> str:
         """Hand each message's events to their requests' event loops until the child is gone; say why."""
@@ -355,6 +356,7 @@ class EngineProcess(Admission):
         """Mark the engine unready and end every request in flight with `failure`; how many there were."""
         with self._lock:
             self._ready = False
+            self._restarting = True
             orphans = [(handle, [failure]) for handle in self._handles.values()]
             self._handles.clear()
         self.queue_size = self.running_rows = 0

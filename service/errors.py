@@ -62,9 +62,10 @@ def error_response(error: APIError, path: str) -> JSONResponse:
     return JSONResponse(error_body(error, openai), status_code=status, headers=error.headers)
 
 
-def stream_error_payload(error_type: str, message: str, openai: bool) -> str:
-    """The data of an SSE error event, for a failure after the stream has started."""
-    error = APIError(500, message, error_type, code=error_type)
+def stream_error_payload(error_type: str, message: str, openai: bool, code: str | None = None) -> str:
+    """The data of an SSE error event, for a failure after the stream has started; `code` as the
+    JSON answer to the same failure would carry it (default: the error type)."""
+    error = APIError(500, message, error_type, code=code or error_type)
     return json.dumps(error_body(error, openai), separators=(",", ":"))
 
 
@@ -104,7 +105,8 @@ def queue_timeout(message: str) -> APIError:
 
 def unavailable(reason: str) -> APIError:
     messages = {"loading": "the model is still loading", "draining": "the server is shutting down",
-                "unhealthy": "the generation engine stopped"}
+                "unhealthy": "the generation engine stopped",
+                "restarting": "the generation engine is restarting; retry shortly"}
     return APIError(503, messages.get(reason, reason), "unavailable", code=reason,
                     headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)})
 

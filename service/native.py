@@ -270,7 +270,8 @@ async def stream_steps(service: Service, request: Request, handles: Sequence[Req
         ended = True
         cancel_all(handles)
         log_fields(request, stream=True, error_type=error.error_type)
-        yield encode_events([stream_error_payload(error.error_type, error.message, openai=openai)])
+        yield encode_events([stream_error_payload(error.error_type, error.message, openai=openai,
+                                                  code=error.code)])
     finally:
         if not ended:  # the client left mid-stream: free its rows
             cancel_all(handles)

@@ -337,7 +337,7 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: Literal["ready", "loading", "draining", "unhealthy"]
+    status: Literal["ready", "loading", "restarting", "draining", "unhealthy"]
     queue: int
     running: int
 
@@ -347,4 +347,6 @@ class Info(BaseModel):
     version: str
     model: dict[str, Any] = Field(description="the model card: shape, vocabulary, device, checkpoint")
     limits: dict[str, Any]
+    parameters: dict[str, list[str]] = Field(description="the request fields each API takes")
+    logprobs: str = Field(description="what the reported log-probabilities are")
     settings: dict[str, Any] = Field(description="every setting except the API keys")

@@ -114,6 +114,7 @@ class FakeEngine:
     context: int = 64
     ready: bool = True
     draining: bool = False
+    restarting: bool = False
     alive: bool = True
     queue_size: int = 0
     running_rows: int = 0

@@ -334,6 +334,14 @@ def test_health_ready_info(make_client: MakeClient) -> None:
     assert info.json()["settings"]["auth_required"] is True
     assert info.json()["limits"]["max_new_tokens"] == 2048
     assert info.json()["model"]["context"] == 64
+    assert info.json()["limits"]["max_logprobs"] == 5 and info.json()["limits"]["max_n"] == 8
+    assert {"logprobs", "echo", "n", "best_of", "logit_bias"} <= set(info.json()["parameters"]["openai"])
+    assert {"top_n_tokens", "decoder_input_details", "typical_p"} <= set(info.json()["parameters"]["native"])
+    assert "raw distribution" in info.json()["logprobs"]
+    client.engine.restarting = True
+    client.engine.ready = False
+    restarting = client.get("/ready")
+    assert restarting.status_code == 503 and restarting.json()["status"] == "restarting"
     client.engine.draining = True
     client.engine.ready = False
     draining = client.get("/ready")

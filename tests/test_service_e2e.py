@@ -192,8 +192,8 @@ def engine_processes(server: ServerProcess) -> list[psutil.Process]:
 
 def test_the_engine_process_dying_is_reported_not_hung_on(tiny_checkpoint: Path) -> None:
     """The model runs in a child process (the default); if it dies, running streams end with an
-    error event, /health and /ready turn 503, new requests get 503, and the server still stops
-    cleanly."""
+    error event, /ready turns 503 while a new one starts (/health stays 200), new requests get 503
+    saying so, and the server still stops cleanly (restarts: tests/test_engine_supervision.py)."""
     with running_server(tiny_checkpoint, "--max-new-tokens", str(LONG)) as server, \
             httpx.Client(base_url=server.base_url, timeout=30) as client:
         (engine,) = engine_processes(server)
@@ -204,11 +204,15 @@ def test_the_engine_process_dying_is_reported_not_hung_on(tiny_checkpoint: Path)
             assert next(lines).startswith("data:")
             engine.kill()
             events = [json.loads(data) for data in sse_data(lines)]
-        assert events[-1] == {"error": "the generation engine stopped", "error_type": "generation"}
-        assert client.get("/health").status_code == 503
-        assert client.get("/ready").status_code == 503
+        assert events[-1] == {"error": "the generation engine stopped and is restarting; retry shortly",
+                              "error_type": "unavailable"}
+        assert client.get("/health").status_code == 200
+        readiness = client.get("/ready")
+        assert readiness.status_code == 503 and readiness.json()["status"] == "restarting"
         refused = client.post("/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 3}})
-        assert refused.status_code == 503 and refused.json()["error_type"] == "unavailable"
+        assert refused.status_code == 503 and refused.headers["Retry-After"]
+        assert refused.json() == {"error": "the generation engine is restarting; retry shortly",
+                                  "error_type": "unavailable"}
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=15) == 0
 
