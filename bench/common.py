@@ -280,6 +280,15 @@ def resolve_checkpoint(checkpoint: str | Path | None = None, preset: str | None 
     return random_checkpoint("small"), "a random-weight `small` checkpoint (none shipped)"
 
 
+def section(args: argparse.Namespace, key: str, title: str, checkpoint: Path) -> tuple[str, str]:
+    """The docs section a run writes: `key` for the shipped checkpoint, `key-NAME` (and NAME in the
+    title) for another one, so that runs on several checkpoints keep a section each."""
+    if Path(checkpoint).resolve() == SHIPPED_CHECKPOINT.resolve():
+        return key, title
+    name = Path(checkpoint).name
+    return f"{key}-{name}", f"{title}, {name}"
+
+
 class ServerURL(str):
     """A running server's base URL (a str, as before), with its process id: `.pid`."""
 

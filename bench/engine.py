@@ -51,6 +51,7 @@ from bench.common import (
     plot_lines,
     publish,
     resolve_checkpoint,
+    section,
     set_threads,
     spread,
 )
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with_engine = not args.no_engine
     columns = ["threads", "sampling", "rows", "model step us", "whole step us"]
-    columns += ["engine iteration us"] if with_engine else []
+    columns += ["engine iteration us", "model step beside it us"] if with_engine else []
     columns += ["outside the model, whole step us/row"]
     columns += ["outside the model, engine us/row"] if with_engine else []
     columns += ["whole step chars/s", "spread (model / whole)"]
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
                 cells: list[object] = [threads, kind, rows, model_us, whole_us]
                 outside = [outside_us(samples[(*key, "whole")], samples[(*key, "model")], rows)]
                 if with_engine:
-                    cells.append(us(samples[(*key, "engine")]))
+                    cells += [us(samples[(*key, "engine")]), us(samples[(*key, "engine model")])]
                     engine_models = samples[(*key, "engine model")]
                     outside.append(outside_us(samples[(*key, "engine")], engine_models, rows))
                 spreads = " / ".join(repeat_spread(samples[(*key, peer)]) for peer in ("model", "whole"))
@@ -316,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
               "sent down a pipe as the engine process sends them), each iteration beside a model step of its "
               "own. Outside the model = the median of the step-by-step differences (whole or engine - "
               "model), per row.")
-    publish(args, "engine", "Per-row cost of a step outside the model (CPU)", header, [table, targets],
+    key, title = section(args, "engine", "Per-row cost of a step outside the model (CPU)", checkpoint)
+    publish(args, key, title, header, [table, targets],
             lambda png: plot_lines(png, "Cost per row outside the model step", "rows", "us per row", series,
                                    logx=True))
 

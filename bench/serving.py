@@ -67,6 +67,7 @@ from bench.common import (
     publish,
     resolve_checkpoint,
     running_server,
+    section,
     spread,
 )
 
@@ -441,7 +442,8 @@ def hf_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) -> 
                  "per-request times summed." if curl_rates else "."))
     bars = {f"ours {streams}": ours_rate(streams) for streams in levels}
     bars.update({f"HF {streams}": best_hf(streams)[1] for streams in levels})
-    publish(args, "serving-hf", "Serving vs Hugging Face generate (CPU)", header, [table, ratios],
+    key, title = section(args, "serving-hf", "Serving vs Hugging Face generate (CPU)", checkpoint)
+    publish(args, key, title, header, [table, ratios],
             lambda png: plot_bars(png, "chars/s: ours (HTTP) vs HF generate", "characters / second", bars))
 
 
@@ -449,8 +451,7 @@ def client_check_mode(args: Any, argv: list[str] | None, checkpoint: Path, which
     repeats = args.repeats or (1 if args.quick else 3)
     levels = args.clients or [1, 32]
     prompt = prompt_of(args.prompt_length)
-    context = context_of(checkpoint)
-    new = args.new or min(32 if args.quick else 128, context - len(prompt))
+    new = args.new or (32 if args.quick else 128)  # ours only: its rows slide past the context
     port = free_port()
     clients_order = ["bench/client.py (own process)", "curl", "aiohttp (in the benchmark's process, before)"]
     if shutil.which("curl") is None or args.no_curl:
@@ -515,7 +516,9 @@ def client_check_mode(args: Any, argv: list[str] | None, checkpoint: Path, which
               "engine process.")
     bars = {f"{name.split(' ')[0]} {clients}": median([load.chars_per_s for load in loads[(name, clients)]])
             for clients in levels for name in clients_order}
-    publish(args, "serving-client", "The benchmark client against independent clients (CPU)", header, [table],
+    key, title = section(args, "serving-client", "The benchmark client against independent clients (CPU)",
+                         checkpoint)
+    publish(args, key, title, header, [table],
             lambda png: plot_bars(png, "chars/s seen by each client", "characters / second", bars))
 
 
@@ -529,7 +532,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", "--streams", type=int, nargs="+",
                         help="concurrent streams (default: naive 1 8 32; hf 1 64; client-check 1 32)")
     parser.add_argument("--new", type=int, help="new characters per request (default: naive 128, --quick 32, "
-                        "client-check 128; hf 200; at most the context less the prompt)")
+                        "at most the context less the prompt; hf 200, at most the same; client-check 128, "
+                        "--quick 32)")
     parser.add_argument("--requests", type=int, help="naive: requests per level, at least one per client "
                         "(default max(2 x clients, 8); --quick max(clients, 4)); hf: requests at 1 stream "
                         "(default 4, --quick 2); client-check: requests per client (default 4 at 1 stream, "

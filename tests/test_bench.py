@@ -98,8 +98,9 @@ def test_serving_vs_hf_quick(tmp_path: Path, capsys, tiny_checkpoint: Path):
     serving.main(["--mode", "hf", "--quick", "--checkpoint", str(tiny_checkpoint), "--threads", "1",
                   "--hf-threads", THREADS, "--clients", "1", "2", "--new", "8", "--docs", str(tmp_path)])
     out = capsys.readouterr().out
-    check_output(out, tmp_path, "serving-hf", "| ours (HTTP /generate) ", f"HF generate, {THREADS} thread",
-                 "ours / HF generate", "issue 18's target", "client CPU (% of a core)", "server CPU (cores)")
+    check_output(out, tmp_path, "serving-hf-tiny", "| ours (HTTP /generate) ",
+                 f"HF generate, {THREADS} thread", "ours / HF generate", "issue 18's target",
+                 "client CPU (% of a core)", "server CPU (cores)")
     header = (tmp_path / "benchmarks.md").read_text()
     assert "8 new characters" in header and "prompt 'BRUTUS.\\n'" in header
 
@@ -109,7 +110,7 @@ def test_serving_client_check_quick(tmp_path: Path, capsys, tiny_checkpoint: Pat
     serving.main(["--mode", "client-check", "--quick", "--checkpoint", str(tiny_checkpoint), "--threads", "1",
                   "--clients", "1", "2", "--requests", "1", "--new", "8", "--prompt-length", "16",
                   "--docs", str(tmp_path)])
-    check_output(capsys.readouterr().out, tmp_path, "serving-client", "| bench/client.py (own process) ",
+    check_output(capsys.readouterr().out, tmp_path, "serving-client-tiny", "| bench/client.py (own process) ",
                  "| aiohttp (in the benchmark's process, before) ", "client CPU us/char",
                  "engine process us/char", "chars/s / curl's")
 
@@ -118,7 +119,7 @@ def test_engine_quick(tmp_path: Path, capsys, tiny_checkpoint: Path):
     bench_engine.main(["--quick", "--checkpoint", str(tiny_checkpoint), "--thread-counts", THREADS,
                        "--rows", "1", "2", "--steps", "4", "--repeats", "1", "--docs", str(tmp_path)])
     out = capsys.readouterr().out
-    check_output(out, tmp_path, "engine", "model step us", "whole step us", "engine iteration us",
+    check_output(out, tmp_path, "engine-tiny", "model step us", "whole step us", "engine iteration us",
                  "outside the model, whole step us/row", "outside the model, engine us/row", "| sampled ",
                  "| greedy ", "target <= 10")
     rows = [line for line in out.splitlines() if line.startswith(f"| {THREADS} ")]
