@@ -16,9 +16,10 @@ medians over the rounds, time to first character and latency percentiles over ev
 
 `--mode hf` (issue 18): our server through HTTP JSON POST /generate (temperature 0.8, a seed per
 request, from "BRUTUS.\\n") against `GPT2LMHeadModel.generate` on the same weights (bench/convert_hf.py;
-do_sample, temperature 0.8, no top-k, seeded) in this process on `--hf-threads` threads: 1 stream
-(`--requests` requests one after the other; HF batch 1, as many calls) and 64 concurrent streams (64
-requests at once; HF one call of batch 64), alternating ours / HF, `--repeats` rounds. HF's model has
+do_sample, temperature 0.8, no top-k, seeded) in this process, one peer per `--hf-threads` setting
+(default 1 and 2 torch threads; the ratio is against the faster): 1 stream (`--requests` requests one
+after the other; HF batch 1, as many calls) and 64 concurrent streams (64 requests at once; HF one call
+of batch 64), alternating ours / HF, `--repeats` rounds. HF's model has
 the checkpoint's positions and no more (it cannot slide its window as ours does), so the new characters
 default to 200 where prompt + 200 fits the context and to the context less the prompt where it does not
 (120 for the shipped checkpoint's 128). At 1 stream, curl sends each request again right after ours:
