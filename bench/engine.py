@@ -10,9 +10,10 @@ top_k 40, a seed per row; greedy: temperature 0) and number of rows R (default 1
 same R sequences ("BRUTUS.\\n", prefilled by `gpt.generate.start_rows`) take `--steps` decode steps
 three ways, `--repeats` times:
 
-- model step: `gpt.generate.decode_step` over the R rows: the forward alone, logits out;
 - whole step: `gpt.generate.advance` over the R sequences: the model step, sampling and the text
   each token releases;
+- model step: the `gpt.generate.decode_step` call inside that whole step (the forward alone, logits
+  out), timed from inside it;
 - engine iteration: `service.engine.Engine`'s scheduler loop with R requests running (the decode step
   through `advance`, then settling: events, finished rows, delivery), in process, with an `on_events`
   sink that does what service/engine_process.py's `forward` does: each iteration's deliveries, by
@@ -22,11 +23,10 @@ three ways, `--repeats` times:
 
 It prints microseconds per step and per row outside the model: (whole - model) / R and
 (engine - model) / R. Issue 18's target: at most 10 us per row outside the model at 64 rows.
-The model and whole steps are timed one call at a time, in turn, on two caches holding the same rows,
-and the engine's iterations each beside a model step of their own (see EngineIterations), so a burst
-of load from elsewhere lands on both sides of each difference. Every figure is a median over all the
-steps (or iterations) of all repeats; "outside the model" is the median of the step-by-step
-differences.
+The model step is timed inside each whole step and each engine iteration (ModelClock), so the cost
+outside the model is each step's own difference, not that of two measurements a burst of load from
+elsewhere could tell apart. Every figure is a median over all the steps (or iterations) of all
+repeats; "outside the model" is the median of the step-by-step differences.
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
-
-import torch
 
 from bench.common import (
     Table,
@@ -55,7 +53,7 @@ from bench.common import (
     set_threads,
     spread,
 )
-from gpt import KVCache, SamplingParams, Sequence, advance, decode_step, load_checkpoint
+from gpt import KVCache, SamplingParams, Sequence, advance, load_checkpoint
 from gpt.generate import start_rows
 from gpt.model import GPT
 
@@ -69,42 +67,60 @@ def sampling_params(kind: str, row: int) -> SamplingParams:
     return SamplingParams(temperature=0.0)
 
 
+class ModelClock:
+    """Times every `gpt.generate.decode_step` call (the one the whole step and the engine make through
+    `gpt.generate.step_tokens`) while installed, so that each step's model time is taken from inside
+    that very step: the cost outside the model is not a difference of two noisy measurements."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.module = sys.modules["gpt.generate"]
+        self.real = self.module.decode_step
+
+    def _timed(self, *args: Any) -> Any:
+        begin = time.perf_counter()
+        try:
+            return self.real(*args)
+        finally:
+            self.total += time.perf_counter() - begin
+
+    def __enter__(self) -> ModelClock:
+        self.module.decode_step = self._timed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.decode_step = self.real
+
+    def take(self) -> float:
+        """Model seconds since the last take."""
+        total, self.total = self.total, 0.0
+        return total
+
+
 class Library:
-    """The model step and the whole step over the same R rows, each on a KVCache of its own, timed
-    step by step in turn (model, whole, model, whole, ...), so that a burst of load from elsewhere on
-    the machine lands on both."""
+    """`gpt.generate.advance` over R rows, step by step, with the model step timed inside each."""
 
     def __init__(self, model: GPT, decode: Callable[[list[int]], str], ids: list[int], max_rows: int) -> None:
         self.model, self.decode, self.ids = model, decode, ids
-        self.caches = [KVCache(model.config, max_rows), KVCache(model.config, max_rows)]
+        self.cache = KVCache(model.config, max_rows)
 
-    def _sequences(self, cache: KVCache, kind: str, rows: int, steps: int) -> list[Sequence]:
+    def steps(self, kind: str, rows: int, steps: int) -> tuple[list[float], list[float]]:
+        """Seconds of the model step inside each of `steps` advance calls over `rows` rows prefilled
+        with the prompt, and of each whole call."""
         config = self.model.config
         seqs = [Sequence(self.ids, steps + 2, sampling_params(kind, r), self.decode, config.vocab_size,
                          config.block_size) for r in range(rows)]
-        start_rows(self.model, cache, seqs, list(range(rows)))
-        return seqs
-
-    def steps(self, kind: str, rows: int, steps: int) -> tuple[list[float], list[float]]:
-        """Seconds of each of `steps` decode_step calls and of as many advance calls, both over `rows`
-        rows prefilled with the prompt (the same positions step by step)."""
-        model_cache, whole_cache = self.caches
-        self._sequences(model_cache, kind, rows, steps)
-        seqs = self._sequences(whole_cache, kind, rows, steps)
-        row_ids, tokens = list(range(rows)), [self.ids[-1]] * rows
+        start_rows(self.model, self.cache, seqs, list(range(rows)))
         model_s, whole_s = [], []
-        clock = time.perf_counter
-        for _ in range(steps):
-            with torch.inference_mode():
-                begin = clock()
-                decode_step(self.model, model_cache, row_ids, tokens)
-                model_s.append(clock() - begin)
-            begin = clock()
-            advance(self.model, whole_cache, seqs)
-            whole_s.append(clock() - begin)
-        for cache in self.caches:
-            for row in range(rows):
-                cache.free(row)
+        with ModelClock() as clock:
+            for _ in range(steps):
+                clock.take()
+                begin = time.perf_counter()
+                advance(self.model, self.cache, seqs)
+                whole_s.append(time.perf_counter() - begin)
+                model_s.append(clock.take())
+        for row in range(rows):
+            self.cache.free(row)
         return model_s, whole_s
 
 
@@ -120,10 +136,8 @@ class Handle:
 
 class EngineIterations:
     """An in-process service.engine.Engine whose deliveries go down a pipe as the engine process
-    sends them (pickled, written; a child process reads them), the time of each iteration stamped.
-    After each delivery while all the rows run, the sink also times one decode_step of as many rows
-    on a cache of its own: a model step at the same moment as each iteration, taken out of the
-    interval it falls in."""
+    sends them (pickled, written; a child process reads them), each delivery stamped with the time
+    and the model time spent since the last one."""
 
     def __init__(self, model: GPT, tokenizer: Any, ids: list[int], max_rows: int) -> None:
         from service.engine import Engine
@@ -133,9 +147,8 @@ class EngineIterations:
         self.reader = subprocess.Popen([sys.executable, "-c", drain], stdin=subprocess.PIPE)
         self.pipe = Connection(os.dup(self.reader.stdin.fileno()), readable=False)
         self.model, self.tokenizer, self.ids = model, tokenizer, ids
-        self.side = KVCache(model.config, max_rows)
-        self.side_rows, self.side_left = 0, 0
-        self.stamps: list[tuple[float, int, float]] = []  # (time, running rows, side step s) per delivery
+        self.clock = ModelClock()
+        self.stamps: list[tuple[float, int, float]] = []  # (time, running rows, model s since the last)
         self.done = threading.Event()
         self.expect = 0
         self.engine = Engine(model, tokenizer, max_batch_size=max_rows, max_queue=max_rows, warmup=False,
@@ -148,51 +161,33 @@ class EngineIterations:
             time.sleep(0.02)
 
     def _sink(self, deliveries: Any) -> None:
-        now = time.perf_counter()
-        try:
-            items = [(handle.request_id, events) for handle, events in deliveries]
-        except (TypeError, ValueError, AttributeError):  # another shape of deliveries: pickle it as it is
-            items = deliveries
+        items = [(handle.request_id, events) for handle, events in deliveries]
         running = self.engine.running_rows
         self.pipe.send(("events", items, (self.engine.queue_size, running)))  # as engine_process's forward
-        side_s = 0.0
-        if self.side_rows and running == self.side_rows and self.side_left > 0:
-            self.side_left -= 1
-            rows = list(range(self.side_rows))
-            with torch.inference_mode():
-                begin = time.perf_counter()
-                decode_step(self.model, self.side, rows, [self.ids[-1]] * len(rows))
-                side_s = time.perf_counter() - begin
-        self.stamps.append((now, running, side_s))
+        self.stamps.append((time.perf_counter(), running, self.clock.take()))
         if self.expect and running == 0 and self.engine.queue_size == 0:
             self.done.set()
 
     def iterations(self, kind: str, rows: int, steps: int) -> tuple[list[float], list[float]]:
-        """Seconds of each scheduler iteration while all `rows` requests ran (the sink's own model
-        step taken out), and of the model step timed beside each."""
+        """Seconds of each scheduler iteration while all `rows` requests ran, and of the model step
+        inside each."""
         from service.engine import GenerationRequest
 
-        config = self.model.config
-        side = [Sequence(self.ids, 1, sampling_params(kind, r), self.tokenizer.decode, config.vocab_size,
-                         config.block_size) for r in range(rows)]
-        start_rows(self.model, self.side, side, list(range(rows)))
         self.stamps, self.expect = [], rows
-        self.side_rows, self.side_left = rows, steps + 3
         self.done.clear()
-        for r in range(rows):
-            request = GenerationRequest(list(self.ids), steps + 2, sampling_params(kind, r))
-            self.engine.submit(request, Handle(r))
-        if not self.done.wait(timeout=600):
-            raise TimeoutError("the engine did not finish")
-        self.expect = self.side_rows = 0
-        for row in range(rows):
-            self.side.free(row)
+        with self.clock:
+            for r in range(rows):
+                request = GenerationRequest(list(self.ids), steps + 2, sampling_params(kind, r))
+                self.engine.submit(request, Handle(r))
+            if not self.done.wait(timeout=600):
+                raise TimeoutError("the engine did not finish")
+        self.expect = 0
         stamps = self.stamps
         full = [i for i, (_, running, _) in enumerate(stamps) if running == rows]
         # Consecutive deliveries while all rows were running, after the first such delivery (whose
-        # iteration admitted requests): the interval between them less the sink's model step in it.
-        pairs = [(stamps[i][0] - stamps[i - 1][0] - stamps[i - 1][2], stamps[i - 1][2]) for i in full[1:]
-                 if stamps[i - 1][1] == rows and i - 1 != full[0] and stamps[i - 1][2] > 0]
+        # iteration admitted requests): the interval between them, and the model time inside it.
+        pairs = [(stamps[i][0] - stamps[i - 1][0], stamps[i][2]) for i in full[1:]
+                 if stamps[i - 1][1] == rows and i - 1 != full[0]]
         if not pairs:
             raise RuntimeError(f"no steady iteration with {rows} rows (deliveries: {len(stamps)})")
         return [iteration for iteration, _ in pairs], [model for _, model in pairs]
@@ -276,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with_engine = not args.no_engine
     columns = ["threads", "sampling", "rows", "model step us", "whole step us"]
-    columns += ["engine iteration us", "model step beside it us"] if with_engine else []
+    columns += ["engine iteration us", "model step inside it us"] if with_engine else []
     columns += ["outside the model, whole step us/row"]
     columns += ["outside the model, engine us/row"] if with_engine else []
     columns += ["whole step chars/s", "spread (model / whole)"]
@@ -314,9 +309,9 @@ def main(argv: list[str] | None = None) -> None:
               "model step = `gpt.generate.decode_step` (the forward alone); whole step = "
               "`gpt.generate.advance` (model step, sampling, text); engine iteration = "
               "`service.engine.Engine`'s scheduler loop in process (advance, settling, and the deliveries "
-              "sent down a pipe as the engine process sends them), each iteration beside a model step of its "
-              "own. Outside the model = the median of the step-by-step differences (whole or engine - "
-              "model), per row.")
+              "sent down a pipe as the engine process sends them). The model step is timed inside each whole "
+              "step and each iteration. Outside the model = the median of the step-by-step differences "
+              "(whole or engine - model), per row.")
     key, title = section(args, "engine", "Per-row cost of a step outside the model (CPU)", checkpoint)
     publish(args, key, title, header, [table, targets],
             lambda png: plot_lines(png, "Cost per row outside the model step", "rows", "us per row", series,

@@ -218,10 +218,11 @@ async def _sequential(request: Callable[[Any], Any], session: Any, n: int) -> li
 # --- The modes ------------------------------------------------------------------------------------
 
 def ours_command(checkpoint: Path, port: int, threads: int | None, max_batch: int,
-                 *options: str) -> list[str]:
+                 *options: str, compile: bool = False) -> list[str]:
     return [sys.executable, "-m", "service", "--checkpoint", str(checkpoint), "--port", str(port),
             *(["--threads", str(threads)] if threads else []), "--device", "cpu", "--max-batch-size",
-            str(max_batch), "--max-queue", "256", "--log-level", "warning", *options]
+            str(max_batch), "--max-queue", "256", "--log-level", "warning", *options,
+            *(["--compile"] if compile else [])]
 
 
 def context_of(checkpoint: Path) -> int:
@@ -362,8 +363,8 @@ def hf_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) -> 
     ours: dict[int, list[Load]] = {}
     hf_rates: dict[tuple[str, int], list[float]] = {}
     curl_rates: list[float] = []
-    with running_server(ours_command(checkpoint, port, args.threads, max_batch), port) as base, \
-            ClientProcess() as client:
+    command = ours_command(checkpoint, port, args.threads, max_batch, compile=args.compile)
+    with running_server(command, port) as base, ClientProcess() as client:
         warm = GenerationConfig(**{**generation.to_dict(), "max_new_tokens": 8})
         for streams in levels:  # warm-up: both at every level, a few characters
             warm_bodies = [sampled_body(prompt, 8, s) for s in range(streams)]
@@ -433,7 +434,8 @@ def hf_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) -> 
               f"prompt {prompt!r}; {new_note}; temperature {HF_TEMPERATURE}, a seed per request. {repeats} "
               f"rounds, ours and HF alternating (median over rounds); {machine_line()}.\n"
               f"ours = `python -m service` (max batch {max_batch}, torch threads "
-              f"{args.threads or 'its default: CPUs - 1'}), JSON POST /generate from bench/client.py in a "
+              f"{args.threads or 'its default: CPUs - 1'}{', --compile' if args.compile else ''}), JSON POST "
+              "/generate from bench/client.py in a "
               f"process of its own (a keep-alive connection per stream): at 1 stream {one_stream_requests} "
               "requests one after the other, at N streams N requests at once. HF = "
               f"`GPT2LMHeadModel.generate` on the same weights (do_sample, temperature {HF_TEMPERATURE}, "
@@ -458,8 +460,8 @@ def client_check_mode(args: Any, argv: list[str] | None, checkpoint: Path, which
     if shutil.which("curl") is None or args.no_curl:
         clients_order.remove("curl")
     loads: dict[tuple[str, int], list[Load]] = {}
-    with running_server(ours_command(checkpoint, port, args.threads, max(32, *levels)), port) as base, \
-            ClientProcess() as client:
+    command = ours_command(checkpoint, port, args.threads, max(32, *levels), compile=args.compile)
+    with running_server(command, port) as base, ClientProcess() as client:
         measure(client, base, "/generate_stream", [stream_body(prompt, 8)], 1, 8)
 
         def run(name: str, clients: int, per_client: int) -> LoadResult:
@@ -545,6 +547,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="hf mode: HF generate's torch threads, one peer for each (default 1 2; the "
                         "ratio is against the faster)")
     parser.add_argument("--no-curl", action="store_true", help="leave curl out (hf and client-check modes)")
+    parser.add_argument("--compile", action="store_true",
+                        help="start our server with --compile (its decode step compiled at warm-up)")
     parser.add_argument("--repeats", type=int, help="rounds over every level (default 3, --quick 1)")
     args = parser.parse_args(argv)
     checkpoint, which = resolve_checkpoint(args.checkpoint, args.preset)

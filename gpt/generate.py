@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as SequenceOf
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import torch
@@ -61,6 +62,12 @@ class StopMatcher:
         return released
 
 
+@lru_cache(maxsize=16)
+def token_texts(decode: Callable[[list[int]], str], vocab_size: int) -> tuple[str, ...]:
+    """Each token's text, decoded once per tokenizer rather than once per generated token."""
+    return tuple(decode([token]) for token in range(vocab_size))
+
+
 class Sequence:
     """One generation in progress: its tokens, its sampling state and its cache row."""
 
@@ -73,6 +80,7 @@ class Sequence:
         self.min_tokens = min_tokens
         self.params = params
         self.decode = decode
+        self.token_texts = token_texts(decode, vocab_size)
         self.block_size = block_size
         self.keep = max(1, 3 * block_size // 4)
         self.window_start = 0
@@ -129,7 +137,7 @@ class Sequence:
         self.cumulative_logprob += logprob
         if self.logprobs is not None:
             self.last_logprob, self.last_top = logprob, (top or [])[:self.logprobs]
-        text, stopped = self.stop.push(self.decode([token]), self.generated >= self.min_tokens)
+        text, stopped = self.stop.push(self.token_texts[token], self.generated >= self.min_tokens)
         if stopped:
             self.finish_reason = "stop"
         elif self.generated >= self.max_new_tokens:

@@ -164,15 +164,20 @@ def typical_mask(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     return drop.scatter(-1, most_likely, False)
 
 
-def sorted_filters_mask(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                        min_p: torch.Tensor) -> torch.Tensor:
+def sorted_filters_mask(sorted_logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+                        min_p: torch.Tensor | None) -> torch.Tensor:
     """True for the sorted entries (R, V, most likely first) that top-k (R, 1) long, top-p (R, 1)
-    and min-p (R, 1) drop. Off values: k >= V, p >= 1 (taken as 2, beyond any rounding of the sum),
-    min_p = 0. The first entry is always kept."""
-    probs = torch.softmax(sorted_logits, dim=-1)
-    ranks = torch.arange(sorted_logits.size(-1), device=sorted_logits.device)
-    mass_before = probs.cumsum(dim=-1) - probs
-    drop = (ranks >= top_k) | (mass_before >= top_p) | (probs < min_p * probs[:, :1])
+    and min-p (R, 1) drop; None for a filter no row uses. Off values: k >= V, p >= 1 (taken as 2,
+    beyond any rounding of the sum), min_p = 0. The first entry is always kept."""
+    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if top_k is not None:
+        drop |= torch.arange(sorted_logits.size(-1), device=sorted_logits.device) >= top_k
+    if top_p is not None or min_p is not None:
+        probs = torch.softmax(sorted_logits, dim=-1)
+        if top_p is not None:
+            drop |= probs.cumsum(dim=-1) - probs >= top_p  # the mass before each entry
+        if min_p is not None:
+            drop |= probs < min_p * probs[:, :1]
     drop[:, 0] = False
     return drop
 
@@ -275,7 +280,9 @@ def sample_rows(logits: torch.Tensor, rows: SequenceOf[RowState], top_n: int = 0
             y = y.masked_fill(typical_mask(y, typical_p), float("-inf"))
         if any(p.filters for p in chosen):
             sorted_y, order = torch.sort(y, dim=-1, descending=True)
-            drop = sorted_filters_mask(sorted_y, top_k.long(), top_p, min_p)
+            drop = sorted_filters_mask(sorted_y, top_k.long() if any(p.top_k for p in chosen) else None,
+                                       top_p if any((p.top_p or 1.0) < 1.0 for p in chosen) else None,
+                                       min_p if any(p.min_p for p in chosen) else None)
             # Drawn in vocabulary order, as unfiltered rows are: a row's draw must not depend on
             # what the other rows of its batch ask for.
             y = y.masked_fill(torch.empty_like(drop).scatter_(-1, order, drop), float("-inf"))

@@ -588,7 +588,8 @@ class Engine(Admission):
     def _warm_up(self) -> None:
         """Run the largest shapes the engine will see before serving: a prefill of a whole context
         (row 0), then one decode step over every row that attends over the whole context length;
-        then a decode step of one row, which a compiled step on the CPU has a graph of its own for."""
+        then decode steps of one row and of two, which a compiled step on the CPU has graphs of
+        their own for (one row; any number of rows, once a full batch's graph is specialised)."""
         started = time.perf_counter()
         context = self.model.config.block_size
         greedy = SamplingParams(temperature=0.0)
@@ -598,6 +599,7 @@ class Engine(Admission):
         start_rows(self.model, self.cache, seqs, list(range(self.max_batch_size)))
         advance(self.model, self.cache, seqs)
         advance(self.model, self.cache, seqs[1:2])
+        advance(self.model, self.cache, seqs[1:3])
         for row in range(self.max_batch_size):
             self.cache.free(row)
         if self.device.type == "cuda":

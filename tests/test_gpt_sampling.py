@@ -98,6 +98,9 @@ def test_top_k_keeps_the_k_largest_per_row():
     top_k = column(3, 5, dtype=torch.long)
     drop = sorted_filters_mask(sorted_logits, top_k, column(2.0, 2.0), column(0.0, 0.0))
     assert (~drop).tolist() == [[True, True, True, False, False], [True] * 5]
+    # Filters no row uses are left out, with the same result.
+    assert torch.equal(sorted_filters_mask(sorted_logits, top_k, None, None), drop)
+    assert not sorted_filters_mask(sorted_logits, None, None, None).any()
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
