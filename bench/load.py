@@ -148,14 +148,7 @@ class Outcome:
 
 @dataclass
 class LoadReport:
-    # The good requests (bursts included):
-    sent: int = 0
-    completed: int = 0
-    disconnected: int = 0
-    refused: Counter[int] = field(default_factory=Counter)  # by status; all carried Retry-After
-    failed: int = 0  # outside the kill: must be 0
-    failures: Counter[str] = field(default_factory=Counter)  # why, for the message
-    killed: int = 0  # in flight at the kill and ended by it (--chaos)
+    good: Tally = field(default_factory=Tally)  # bursts included; failed (outside the kill) must be 0
     hostile: Tally = field(default_factory=Tally)
     ttfc_s: list[float] = field(default_factory=list)
     inter_char_s: list[float] = field(default_factory=list)
@@ -183,14 +176,18 @@ class LoadReport:
     ready_again_at: float | None = None
 
     def fail(self, why: str) -> None:
-        self.failed += 1
-        self.failures[why[:160]] += 1
+        self.good.fail(why)
+
+    @property
+    def failed(self) -> int:
+        """Good requests failed outside the kill: must be 0."""
+        return self.good.failed
 
     def account(self, shot: Shot, outcome: Outcome, started: float, ended: float) -> None:
         """Count one request's outcome, for its kind; a failure of a request in flight at the kill
         that the kill explains (a 503, an `unavailable` error event) counts as killed."""
         in_flight_at_kill = self.kill_at is not None and started <= self.kill_at <= ended
-        tally: Any = self.hostile if shot.hostile else self
+        tally = self.hostile if shot.hostile else self.good
         tally.sent += 1
         self.chars += outcome.chars
         if outcome.kind in ("completed", "disconnected"):
@@ -220,24 +217,24 @@ class LoadReport:
     def table(self) -> str:
         ms = lambda values, q: percentile(values, q) * 1000  # noqa: E731
         counts = lambda c: ", ".join(f"{status}: {n}" for status, n in sorted(c.items())) or "0"  # noqa: E731
-        hostile = self.hostile
+        good, hostile = self.good, self.hostile
         table = Table(["measure", "value"])
-        table.add("requests sent (good / hostile)", f"{self.sent} / {hostile.sent}")
-        table.add("completed (good / hostile)", f"{self.completed} / {hostile.completed}")
-        table.add("disconnected on purpose", self.disconnected)
-        table.add("refused with Retry-After (good)", f"{sum(self.refused.values())} ({counts(self.refused)})")
+        table.add("requests sent (good / hostile)", f"{good.sent} / {hostile.sent}")
+        table.add("completed (good / hostile)", f"{good.completed} / {hostile.completed}")
+        table.add("disconnected on purpose", good.disconnected)
+        table.add("refused with Retry-After (good)", f"{sum(good.refused.values())} ({counts(good.refused)})")
         table.add("refused with Retry-After (hostile)",
                   f"{sum(hostile.refused.values())} ({counts(hostile.refused)})")
         table.add("hostile settings refused with a 4xx", f"{sum(hostile.rejected.values())} "
                   f"({counts(hostile.rejected)})")
-        table.add("good requests failed" + (" outside the kill" if self.chaos else ""), self.failed)
+        table.add("good requests failed" + (" outside the kill" if self.chaos else ""), good.failed)
         table.add("hostile requests failed (5xx, error events, broken answers)", hostile.failed)
         table.add("hostile clients", f"{self.hostile_clients} of the clients")
         table.add("bursts", f"{self.bursts} x {self.burst_size} requests")
         if self.chaos:
             table.add("engine process SIGKILLed at (s into the run)", f"{self.kill_at_run_s:.1f}")
             table.add("requests failed by the kill, in flight (good / hostile)",
-                      f"{self.killed} / {hostile.killed}")
+                      f"{good.killed} / {hostile.killed}")
             table.add("ready again after the kill (s)", f"{self.ready_again_s:.2f}")
             table.add("engine start at launch / restarted (s)",
                       f"{self.engine_start_s:.2f} / {self.restart_start_s:.2f}")
@@ -257,7 +254,7 @@ class LoadReport:
         table.add("server-counted disconnects", f"{self.server_disconnects:g}")
         table.add("wall time (s)", self.wall_s)
         lines = [table.markdown()]
-        for name, failures in (("good", self.failures), ("hostile", hostile.failures)):
+        for name, failures in (("good", good.failures), ("hostile", hostile.failures)):
             if failures:
                 worst = "; ".join(f"{n} x {why}" for why, n in failures.most_common(5))
                 lines.append(f"{name} failures: {worst}")

@@ -12,14 +12,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+from fastapi.testclient import TestClient
 
 from gpt import CharTokenizer
+from service.app import create_app
 from service.engine import (
     Admitted,
     EngineUnavailable,
@@ -30,6 +32,7 @@ from service.engine import (
     RequestHandle,
     TextChunk,
 )
+from service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -173,3 +176,25 @@ class FakeEngine:
 
 __all__ = ["EngineUnavailable", "FakeEngine", "QueueFull", "ServerProcess", "free_port", "metric_value",
            "running_server"]
+
+
+MakeClient = Callable[..., TestClient]
+
+
+def app_clients(engine_type: Callable[..., Any], tokenizer: CharTokenizer,
+                checkpoint: Path) -> Iterator[MakeClient]:
+    """For a fixture to yield from: make(engine options..., settings=dict(...)) -> a TestClient over
+    the app with an `engine_type` engine (`client.engine`); every client is closed afterwards."""
+    clients = []
+
+    def make(settings: dict | None = None, **engine_options: object) -> TestClient:
+        engine = engine_type(tokenizer, **engine_options)
+        client = TestClient(create_app(Settings(checkpoint=checkpoint, **(settings or {})), engine=engine))
+        client.__enter__()
+        client.engine = engine
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,11 +18,9 @@ import torch
 from fastapi.testclient import TestClient
 
 from gpt import CharTokenizer
-from service.app import create_app
 from service.engine import Admitted, Failed, GenerationRequest, QueueFull, RequestHandle
 from service.schemas import FLOAT32_TINY, NOT_SUPPORTED
-from service.settings import Settings
-from tests.server_utils import FakeEngine
+from tests.server_utils import FakeEngine, MakeClient, app_clients
 
 MODEL = "caesar-test"
 TEXT = FakeEngine.__dataclass_fields__["text"].default
@@ -59,25 +57,11 @@ class RowsEngine(FakeEngine):
         await super()._play(request, handle)
 
 
-MakeClient = Callable[..., TestClient]
 
 
 @pytest.fixture
 def make_client(tokenizer: CharTokenizer, tmp_path: Path) -> Iterator[MakeClient]:
-    clients = []
-
-    def make(settings: dict | None = None, **engine_options: object) -> TestClient:
-        engine = RowsEngine(tokenizer, **engine_options)
-        app = create_app(Settings(checkpoint=tmp_path / MODEL, **(settings or {})), engine=engine)
-        client = TestClient(app)
-        client.__enter__()
-        client.engine = engine
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
+    yield from app_clients(RowsEngine, tokenizer, tmp_path / MODEL)
 
 
 def sse_data(body: str) -> list[str]:

@@ -29,12 +29,12 @@ def test_short_load_run_loses_nothing(tiny_checkpoint: Path) -> None:
     print(report.table())
 
     assert report.failed == 0, report.table()
-    assert set(report.refused) <= {429, 503}  # `send` counts a refusal only when it carries Retry-After
-    refused = sum(report.refused.values())
-    assert report.sent == report.completed + report.disconnected + refused + report.failed
+    assert set(report.good.refused) <= {429, 503}  # `send` counts a refusal only when it carries Retry-After
+    refused = sum(report.good.refused.values())
+    assert report.good.sent == report.good.completed + report.good.disconnected + refused + report.failed
     # A burst is max_batch_size + max_queue + 8 requests on top of the 16 clients: some must be refused.
-    assert report.bursts >= 1 and report.refused[429] >= 8
-    assert report.completed > 0 and report.disconnected > 0 and report.ttfc_s
+    assert report.bursts >= 1 and report.good.refused[429] >= 8
+    assert report.good.completed > 0 and report.good.disconnected > 0 and report.ttfc_s
     assert report.rows_after == 0 and report.queue_after == 0
     assert report.rss_growth < RSS_NOISE_BOUND, report.table()
 
@@ -43,4 +43,4 @@ def test_short_load_run_loses_nothing(tiny_checkpoint: Path) -> None:
     assert hostile.failed == 0, report.table()  # a 200 or a 4xx (or a refusal with Retry-After), never a 5xx
     assert set(hostile.rejected) <= {400, 422} and set(hostile.refused) <= {429, 503}
     assert hostile.sent == hostile.completed + sum(hostile.refused.values()) + sum(hostile.rejected.values())
-    assert report.restarts == 0 and report.killed == 0 and report.ok
+    assert report.restarts == 0 and report.good.killed == 0 and report.ok

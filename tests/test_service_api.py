@@ -4,41 +4,25 @@ the stream starts, middleware (API keys, body limit, request ids, CORS), /info, 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
 from gpt import CharTokenizer
 from service import app as app_module
 from service.__main__ import build_parser
-from service.app import create_app
 from service.engine import EngineUnavailable, Failed, QueueFull
 from service.settings import Settings
-from tests.server_utils import FakeEngine, metric_value
+from tests.server_utils import FakeEngine, MakeClient, app_clients, metric_value
 
 TEXT = FakeEngine.__dataclass_fields__["text"].default
-MakeClient = Callable[..., TestClient]
 
 
 @pytest.fixture
 def make_client(tokenizer: CharTokenizer, tmp_path: Path) -> Iterator[MakeClient]:
     """make_client(engine options..., settings=dict(...)) -> a TestClient over a FakeEngine app."""
-    clients = []
-
-    def make(settings: dict | None = None, **engine_options: object) -> TestClient:
-        engine = FakeEngine(tokenizer, **engine_options)
-        app = create_app(Settings(checkpoint=tmp_path / "caesar-test", **(settings or {})), engine=engine)
-        client = TestClient(app)
-        client.__enter__()
-        client.engine = engine
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
+    yield from app_clients(FakeEngine, tokenizer, tmp_path / "caesar-test")
 
 
 def sse_data(body: str) -> list[str]:
