@@ -91,6 +91,8 @@ class Connection:
 
     def send(self, raw: bytes) -> None:
         """Start a request: reset the parser, write the request (small: the socket buffer takes it)."""
+        self.reused = hasattr(self, "raw")
+        self.raw = raw
         self._buffer = bytearray()
         self._head: tuple[int, int | None, bool, bool] | None = None  # status, length, chunked, close
         self._body_parts: list[bytes] = []
@@ -107,6 +109,8 @@ class Connection:
         """The bytes just read; the response once it is complete."""
         if not data:
             self.closed = True
+            if self.reused and self._head is None and not self._buffer:
+                raise StaleConnection()
             raise ConnectionError("the server closed the connection mid-response")
         self._buffer += data
         buf = self._buffer
@@ -184,6 +188,11 @@ class Connection:
         self.sock.close()
 
 
+class StaleConnection(ConnectionError):
+    """A kept-alive connection the server had closed: no byte of the response came. As HTTP clients
+    do, the request is sent again on a new connection."""
+
+
 def build_request(host: str, port: int, path: str, body: dict[str, Any] | str) -> bytes:
     data = (body if isinstance(body, str) else json.dumps(body)).encode()
     return (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
@@ -225,6 +234,14 @@ def run_load(url: str, path: str, bodies: list[Any], clients: int, check_chars: 
             try:
                 response = connection.feed(connection.sock.recv(262144), now)
             except BlockingIOError:
+                continue
+            except StaleConnection:
+                selector.unregister(connection.sock)
+                connection.close()
+                raw, connection = connection.raw, Connection(host, port)
+                pool[k] = connection
+                selector.register(connection.sock, selectors.EVENT_READ, k)
+                connection.send(raw)
                 continue
             if response is None:
                 continue
