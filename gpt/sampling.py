@@ -7,9 +7,9 @@ most likely character always survives the filters, so no row is ever left withou
 0 means greedy (argmax of the penalised logits).
 
 The draw needs no generator state: each row's uniform number is a hash of (seed, position)
-(splitmix64 on int64 tensors, for all rows at once), and the token is where it falls in the row's
-cumulative distribution. A seed therefore gives the same text alone or in any batch, on any device,
-and a step can be run again with the same result.
+(splitmix64), and the token is where it falls in the row's cumulative distribution. A seed
+therefore gives the same text alone or in any batch, on any device, and a step can be run again
+with the same result.
 """
 
 from __future__ import annotations
@@ -85,41 +85,28 @@ def new_seed(seed: int | None) -> int:
 
 # --- Counter-based noise ------------------------------------------------------------------------
 
-def _signed(value: int) -> int:
-    """An unsigned 64-bit value as the int64 with the same bits."""
-    value &= 2**64 - 1
-    return value - 2**64 if value >= 2**63 else value
+MASK64 = 2**64 - 1
+GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 
 
-GOLDEN_GAMMA = _signed(0x9E3779B97F4A7C15)
-MIX_1 = _signed(0xBF58476D1CE4E5B9)
-MIX_2 = _signed(0x94D049BB133111EB)
-
-
-def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 values (torch's >> keeps the sign)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def mix64(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 tensors: every output bit depends on every input bit.
-    Multiplication wraps around on int64, as the unsigned arithmetic it stands for does."""
-    x = (x ^ _shift_right(x, 30)) * MIX_1
-    x = (x ^ _shift_right(x, 27)) * MIX_2
-    return x ^ _shift_right(x, 31)
+def splitmix64(x: int) -> int:
+    """splitmix64's finaliser (Steele, Lea and Flood 2014) on an unsigned 64-bit integer: every output
+    bit depends on every input bit. Plain Python integers: exact, and the same on every machine."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
 
 
 @lru_cache(maxsize=4096)
 def seed_key(seed: int) -> int:
-    """A seed's own stream key (int64), computed once per seed: splitmix64 of the seed."""
-    return int(mix64(torch.tensor([_signed(seed + 0x9E3779B97F4A7C15)]))[0])
+    """A seed's own stream key, computed once per seed."""
+    return splitmix64((seed + GOLDEN_GAMMA) & MASK64)
 
 
-def uniforms(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """One uniform number in (0, 1) per row, float64: a function of the row's seed key (`seed_key`)
-    and position (int64 tensors (R,)) alone, the same on every device."""
-    bits = _shift_right(mix64(keys + positions * GOLDEN_GAMMA), 11)  # the top 53 bits
-    return (bits.double() + 0.5) * 2.0**-53
+def uniform(key: int, position: int) -> float:
+    """A uniform number in (0, 1): a function of a row's seed key and position alone. A dozen integer
+    operations per row on the host cost less than a dozen tensor calls for a whole batch."""
+    return ((splitmix64((key + position * GOLDEN_GAMMA) & MASK64) >> 11) + 0.5) * 2.0**-53
 
 
 # --- Logits processors over (R, V), each row with its own setting --------------------------------
@@ -267,9 +254,7 @@ def sample_rows(logits: torch.Tensor, rows: SequenceOf[RowState], top_n: int = 0
         chosen = [params[i] for i in sampling]
         settings = float_tensor(chain.from_iterable(p.row_settings for p in chosen), device)
         temperature, top_k, top_p, min_p, typical_p = settings.float().view(-1, 5).split(1, dim=-1)
-        counters = long_tensor(chain.from_iterable((seed_key(rows[i].seed), rows[i].position)
-                                                   for i in sampling), device).view(-1, 2)
-        u = uniforms(counters[:, 0], counters[:, 1])
+        u = float_tensor([uniform(seed_key(rows[i].seed), rows[i].position) for i in sampling], device)
         y = x if everyone else x[index]
         if any(p.temperature != 1.0 for p in chosen):
             y = apply_temperature(y, temperature)

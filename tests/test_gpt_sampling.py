@@ -14,26 +14,13 @@ from gpt.sampling import (
     dense_bias,
     draw,
     finite,
-    mix64,
     sample_rows,
     seed_key,
     sorted_filters_mask,
+    splitmix64,
     typical_mask,
-    uniforms,
+    uniform,
 )
-
-MASK = 2**64 - 1
-
-
-def splitmix_finaliser(x: int) -> int:
-    """splitmix64's finaliser in plain Python integers (Steele, Lea and Flood 2014)."""
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK
-    return x ^ (x >> 31)
-
-
-def as_signed(x: int) -> int:
-    return x - 2**64 if x >= 2**63 else x
 
 
 def kept(logits: torch.Tensor, drop: torch.Tensor) -> list[bool]:
@@ -44,31 +31,26 @@ def column(*values, dtype=torch.float32):
     return torch.tensor(values, dtype=dtype)[:, None]
 
 
-def test_mix64_is_splitmix64_with_wrapping_int64_arithmetic():
-    values = [0, 1, 2**63 - 1, 2**63, 2**64 - 1, 0x123456789ABCDEF0, 42]
-    got = mix64(torch.tensor([as_signed(v) for v in values])).tolist()
-    assert got == [as_signed(splitmix_finaliser(v)) for v in values]
+def test_splitmix64_gives_the_reference_stream():
+    # SplitMix64 from state 0 (Steele, Lea and Flood; Vigna's reference code): its first three outputs.
+    state, outputs = 0, []
+    for _ in range(3):
+        state = (state + 0x9E3779B97F4A7C15) % 2**64
+        outputs.append(splitmix64(state))
+    assert outputs == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
 
 
 def test_uniforms_are_in_the_open_interval_and_look_uniform():
     # Neighbouring seeds at one position, and one seed along its positions: both look uniform.
-    keys = torch.tensor([seed_key(s) for s in range(100_000)])
-    for u in (uniforms(keys, torch.zeros(100_000, dtype=torch.long)),
-              uniforms(torch.full((100_000,), seed_key(7)), torch.arange(100_000))):
+    for u in (torch.tensor([uniform(seed_key(seed), 0) for seed in range(100_000)]),
+              torch.tensor([uniform(seed_key(7), position) for position in range(100_000)])):
         assert 0 < u.min() and u.max() < 1
         assert abs(u.mean().item() - 0.5) < 0.005
         assert abs(u.var().item() - 1 / 12) < 0.002
         assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1]) < 0.01
         assert torch.histc(u.float(), bins=10, min=0, max=1).sub(10_000).abs().max() < 500
-
-
-def test_noise_depends_on_seed_and_position_only_not_on_the_batch():
-    seeds = torch.tensor([seed_key(s) for s in (7, 7, 8, 2**62, 2**64 - 1)])
-    positions = torch.tensor([0, 1, 0, 5, 3])
-    together = uniforms(seeds, positions)
-    for i in range(5):
-        assert uniforms(seeds[i:i + 1], positions[i:i + 1])[0] == together[i]
-    assert len(set(together.tolist())) == 5
+    # Seeds past int64 and the largest positions stay in range.
+    assert 0 < uniform(seed_key(2**64 - 1), 2**40) < 1
 
 
 def test_draw_picks_by_the_cumulative_distribution_and_never_a_zero():
