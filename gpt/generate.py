@@ -94,8 +94,6 @@ class Sequence:
         self.counts = torch.zeros(vocab_size) if params.counts_generated else None  # generated only
         self.bias = dense_bias(params.logit_bias, vocab_size)
         self.logprobs = logprobs  # None: no per-token report; n: the log-probability and n alternatives
-        self.last_logprob = 0.0
-        self.last_top: list[tuple[int, float]] = []
         self.cumulative_logprob = 0.0
         self.stop = StopMatcher(stop)
         self.generated = 0
@@ -124,9 +122,8 @@ class Sequence:
             self.refill = True
         return self.refill
 
-    def accept(self, token: int, logprob: float = 0.0, top: list[tuple[int, float]] | None = None) -> str:
-        """Append the next token (with its raw log-probability and the alternatives reported) and
-        return the text it releases."""
+    def accept(self, token: int, logprob: float = 0.0) -> str:
+        """Append the next token (with its raw log-probability) and return the text it releases."""
         self.tokens.append(token)
         self.refill = False
         if self.seen is not None:
@@ -135,8 +132,6 @@ class Sequence:
             self.counts[token] += 1
         self.generated += 1
         self.cumulative_logprob += logprob
-        if self.logprobs is not None:
-            self.last_logprob, self.last_top = logprob, (top or [])[:self.logprobs]
         text, stopped = self.stop.push(self.token_texts[token], self.generated >= self.min_tokens)
         if stopped:
             self.finish_reason = "stop"
@@ -288,21 +283,14 @@ def start(model: GPT, cache: KVCache, seq: Sequence, row: int) -> str:
 def start_rows(model: GPT, cache: KVCache, seqs: list[Sequence], rows: list[int]) -> list[str]:
     """Give each sequence its cache row, prefill the prompts (together, in groups of similar length)
     and sample each first token; return the text each releases."""
-    return accept_all(seqs, start_tokens(model, cache, seqs, rows))
+    for seq, row in zip(seqs, rows, strict=True):
+        seq.row = row
+    return accept_all(seqs, step_tokens(model, cache, seqs))
 
 
 def advance(model: GPT, cache: KVCache, seqs: list[Sequence]) -> list[str]:
     """One new token for each running sequence, in order; return the text each releases."""
     return accept_all(seqs, step_tokens(model, cache, seqs))
-
-
-@torch.inference_mode()
-def start_tokens(model: GPT, cache: KVCache, seqs: list[Sequence], rows: list[int]) -> Sampled:
-    """Give each sequence its cache row, prefill the prompts and sample each first token, without
-    accepting it (see `step_tokens`)."""
-    for seq, row in zip(seqs, rows, strict=True):
-        seq.row = row
-    return step_tokens(model, cache, seqs)
 
 
 @torch.inference_mode()
@@ -338,9 +326,8 @@ def step_tokens(model: GPT, cache: KVCache, seqs: list[Sequence]) -> Sampled:
 
 def accept_all(seqs: list[Sequence], sampled: Sampled) -> list[str]:
     """Each sequence accepts its sampled token; the text each releases."""
-    top = sampled.top or [None] * len(seqs)
-    return [seq.accept(token, logprob, alternatives) for seq, token, logprob, alternatives
-            in zip(seqs, sampled.tokens, sampled.logprobs, top, strict=True)]
+    return [seq.accept(token, logprob)
+            for seq, token, logprob in zip(seqs, sampled.tokens, sampled.logprobs, strict=True)]
 
 
 def _prefill_contexts(model: GPT, cache: KVCache, seqs: list[Sequence], indices: list[int]) -> torch.Tensor:

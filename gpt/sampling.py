@@ -25,8 +25,6 @@ import torch
 
 from gpt.tensors import float_tensor, long_tensor
 
-MAX_TOP_LOGPROBS = 5
-
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -60,17 +58,25 @@ class SamplingParams:
         """Temperature, top-k, top-p, min-p and typical-p as the batched sampler's columns, with
         the off values that change nothing (k = 2**24, any p past 1 taken as 2, min-p 0)."""
         return (self.temperature or 1.0, float(self.top_k or 2**24),
-                self.top_p if (self.top_p or 1.0) < 1.0 else 2.0, self.min_p or 0.0,
-                self.typical_p if (self.typical_p or 1.0) < 1.0 else 2.0)
+                self.top_p if self.uses_top_p else 2.0, self.min_p or 0.0,
+                self.typical_p if self.uses_typical_p else 2.0)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
     @property
+    def uses_top_p(self) -> bool:
+        return (self.top_p or 1.0) < 1.0
+
+    @property
+    def uses_typical_p(self) -> bool:
+        return (self.typical_p or 1.0) < 1.0
+
+    @property
     def filters(self) -> bool:
         """Whether the sorted-row filters (top-k, top-p, min-p) change anything."""
-        return self.top_k is not None or (self.top_p or 1.0) < 1.0 or bool(self.min_p)
+        return self.top_k is not None or self.uses_top_p or bool(self.min_p)
 
     @property
     def counts_generated(self) -> bool:
@@ -205,8 +211,8 @@ class Row:
 
 @dataclass
 class Sampled:
-    """A step's draws, as Python values: each row's token, its raw log-probability, and (for rows
-    that asked) the most likely alternatives."""
+    """A step's draws, as Python values: each row's token, its raw log-probability, and (when some
+    row asked for them) every row's most likely alternatives."""
 
     tokens: list[int]
     logprobs: list[float]
@@ -221,7 +227,7 @@ def sample_rows(logits: torch.Tensor, rows: SequenceOf[RowState], top_n: int = 0
     """Each row's next token from its logits (R, V), all rows in one set of tensor ops; `top_n`
     alternatives (0..5) with their log-probabilities for every row. Never raises on finite logits."""
     logits = logits.float()
-    device, vocab_size = logits.device, logits.size(-1)
+    device = logits.device
     log_probs = torch.log_softmax(logits, dim=-1)  # the raw distribution, which logprobs report
     params = [row.params for row in rows]
 
@@ -261,12 +267,12 @@ def sample_rows(logits: torch.Tensor, rows: SequenceOf[RowState], top_n: int = 0
             overflow_possible = overflow_possible or min(p.temperature for p in chosen) < 0.01
         if overflow_possible:
             y = finite(y)
-        if any((p.typical_p or 1.0) < 1.0 for p in chosen):
+        if any(p.uses_typical_p for p in chosen):
             y = y.masked_fill(typical_mask(y, typical_p), float("-inf"))
         if any(p.filters for p in chosen):
             sorted_y, order = torch.sort(y, dim=-1, descending=True)
             drop = sorted_filters_mask(sorted_y, top_k.long() if any(p.top_k for p in chosen) else None,
-                                       top_p if any((p.top_p or 1.0) < 1.0 for p in chosen) else None,
+                                       top_p if any(p.uses_top_p for p in chosen) else None,
                                        min_p if any(p.min_p for p in chosen) else None)
             # Drawn in vocabulary order, as unfiltered rows are: a row's draw must not depend on
             # what the other rows of its batch ask for.
@@ -275,12 +281,15 @@ def sample_rows(logits: torch.Tensor, rows: SequenceOf[RowState], top_n: int = 0
         tokens = picked if everyone else tokens.index_copy(0, index, picked)
 
     chosen_logprobs = log_probs.gather(-1, tokens[:, None])[:, 0]
-    top = None
-    if top_n:
-        values, ids = torch.topk(log_probs, min(top_n, vocab_size), dim=-1)
-        top = [list(zip(row_ids, row_values, strict=True))
-               for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)]
+    top = most_likely(log_probs, top_n) if top_n else None
     return Sampled(tokens.tolist(), chosen_logprobs.tolist(), top)
+
+
+def most_likely(log_probs: torch.Tensor, n: int) -> list[list[tuple[int, float]]]:
+    """The n most likely (token, log-probability) of each row of log_probs (R, V), best first."""
+    values, ids = torch.topk(log_probs, min(n, log_probs.size(-1)), dim=-1)
+    return [list(zip(row_ids, row_values, strict=True))
+            for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)]
 
 
 def dense_bias(logit_bias: tuple[tuple[int, float], ...], vocab_size: int) -> torch.Tensor | None:

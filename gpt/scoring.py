@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from gpt.model import GPT
+from gpt.sampling import most_likely
 
 
 def sliding_windows(length: int, block_size: int) -> list[tuple[int, int, int]]:
@@ -31,7 +32,7 @@ def sliding_windows(length: int, block_size: int) -> list[tuple[int, int, int]]:
 def score(model: GPT, ids: list[int], top_n: int = 0
           ) -> list[tuple[int, float, list[tuple[int, float]]]]:
     """(token, log-probability, the top_n most likely (token, log-probability)) for ids[1:], each
-    given the tokens before it, in one forward per window length."""
+    given the tokens before it, in one forward per window."""
     if len(ids) < 2:
         return []
     device = next(model.parameters()).device
@@ -43,11 +44,6 @@ def score(model: GPT, ids: list[int], top_n: int = 0
         log_probs = torch.log_softmax(logits[0, -n_scored:].float(), dim=-1)
         targets = tokens[end - n_scored + 1:end + 1]
         chosen = log_probs.gather(-1, targets[:, None])[:, 0].tolist()
-        if top_n:
-            values, top_ids = torch.topk(log_probs, min(top_n, log_probs.size(-1)), dim=-1)
-            top = [list(zip(row_ids, row_values, strict=True))
-                   for row_ids, row_values in zip(top_ids.tolist(), values.tolist(), strict=True)]
-        else:
-            top = [[] for _ in chosen]
+        top = most_likely(log_probs, top_n) if top_n else [[] for _ in chosen]
         scored += zip(targets.tolist(), chosen, top, strict=True)
     return scored

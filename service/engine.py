@@ -513,17 +513,17 @@ class Engine(Admission):
     def _accept(self, work: _Work, sampled: Sampled, i: int, now: float) -> None:
         """Row i of `sampled` is this request's next token: accept it and emit what it releases."""
         seq, token, logprob = work.seq, sampled.tokens[i], sampled.logprobs[i]
-        top = sampled.top[i] if sampled.top is not None else None
         try:
-            text = seq.accept(token, logprob, top)
+            text = seq.accept(token, logprob)
         except Exception as error:
             logger.exception("a request failed accepting its token")
             work.emit(failure(error))
             return
         if work.first_token_at is None:
             work.first_token_at = now
-        if seq.logprobs is not None:
-            work.emit(TextChunk(text, now, TokenLogprob(token, logprob, tuple(seq.last_top))))
+        if seq.logprobs is not None:  # the step's alternatives, as many as this request asked for
+            top = tuple(sampled.top[i][:seq.logprobs]) if seq.logprobs else ()
+            work.emit(TextChunk(text, now, TokenLogprob(token, logprob, top)))
         elif text:
             work.emit(TextChunk(text, now))
         if seq.finish_reason:
