@@ -221,6 +221,15 @@ def run_load(url: str, path: str, bodies: list[Any], clients: int, check_chars: 
         selector.register(connection.sock, selectors.EVENT_READ, k)
         connection.send(queues[k][0])
         next_index[k] = 1
+
+    def reconnect(k: int) -> Connection:
+        """Client k's closed connection replaced by a new one."""
+        selector.unregister(pool[k].sock)
+        pool[k].close()
+        pool[k] = Connection(host, port)
+        selector.register(pool[k].sock, selectors.EVENT_READ, k)
+        return pool[k]
+
     busy = len(pool)
     deadline = start + timeout_s
     while busy:
@@ -236,12 +245,7 @@ def run_load(url: str, path: str, bodies: list[Any], clients: int, check_chars: 
             except BlockingIOError:
                 continue
             except StaleConnection:
-                selector.unregister(connection.sock)
-                connection.close()
-                raw, connection = connection.raw, Connection(host, port)
-                pool[k] = connection
-                selector.register(connection.sock, selectors.EVENT_READ, k)
-                connection.send(raw)
+                reconnect(k).send(connection.raw)
                 continue
             if response is None:
                 continue
@@ -253,9 +257,7 @@ def run_load(url: str, path: str, bodies: list[Any], clients: int, check_chars: 
                                       response.end_s - response.sent_s, response.chars))
             if next_index[k] < len(queues[k]):
                 if connection.closed:  # the server asked to close: a new connection for the rest
-                    selector.unregister(connection.sock)
-                    connection = pool[k] = Connection(host, port)
-                    selector.register(connection.sock, selectors.EVENT_READ, k)
+                    connection = reconnect(k)
                 connection.send(queues[k][next_index[k]])
                 next_index[k] += 1
             else:

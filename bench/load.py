@@ -58,14 +58,13 @@ import httpx
 import psutil
 
 from bench.common import (
-    SHIPPED_CHECKPOINT,
     Table,
     base_parser,
     command_line,
     corpus_text,
     machine_line,
     percentile,
-    random_checkpoint,
+    resolve_checkpoint,
     write_section,
 )
 
@@ -645,12 +644,8 @@ def main(argv: list[str] | None = None) -> LoadReport:
                         hostile_share=args.hostile_share, chaos=args.chaos)
     max_batch = args.max_batch_size or (8 if quick else None)
     max_queue = args.max_queue if args.max_queue is not None else (8 if quick else None)
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        checkpoint = SHIPPED_CHECKPOINT if (SHIPPED_CHECKPOINT / "config.json").is_file() else None
-    if checkpoint is None:
-        checkpoint = random_checkpoint("small")
-        print(f"note: no shipped checkpoint at {SHIPPED_CHECKPOINT}; serving random weights ({checkpoint})")
+    checkpoint, which = resolve_checkpoint(args.checkpoint)
+    print(f"serving {which}")
     print(f"load: {config.clients} clients ({config.hostile_share:.0%} hostile) for {config.duration_s:g} s "
           f"against {checkpoint} (server threads {args.threads}, max_batch_size {max_batch or 'default'}, "
           f"max_queue {max_queue if max_queue is not None else 'default'})"

@@ -226,7 +226,9 @@ def ours_command(checkpoint: Path, port: int, threads: int | None, max_batch: in
 
 
 def context_of(checkpoint: Path) -> int:
-    return json.loads((checkpoint / "config.json").read_text())["model"]["block_size"]
+    from gpt import read_config
+
+    return read_config(checkpoint)["model"]["block_size"]
 
 
 def naive_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) -> None:

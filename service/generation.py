@@ -64,11 +64,6 @@ class Sampling:
     logit_bias: tuple[tuple[int, float], ...] = ()
     greedy_by_default: bool = False  # TGI: greedy unless do_sample or a sampling setting asks otherwise
 
-    @property
-    def samples(self) -> bool:
-        """Whether these settings sample (rather than decode greedily)."""
-        return sampling_params(self).temperature > 0
-
 
 def sampling_params(sampling: Sampling, vocab_size: int | None = None) -> SamplingParams:
     if sampling.temperature is not None:
@@ -325,13 +320,23 @@ def timings(finished: Finished) -> dict[str, float]:
     }
 
 
+def usage_counts(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
 def usage(finished: Finished) -> dict[str, int]:
-    return {"prompt_tokens": finished.input_length, "completion_tokens": finished.generated_tokens,
-            "total_tokens": finished.input_length + finished.generated_tokens}
+    return usage_counts(finished.input_length, finished.generated_tokens)
 
 
 def total_usage(prompt_tokens: int, finished: Sequence[Finished]) -> dict[str, int]:
     """Usage of a request of several rows: its prompts counted once each, every row's tokens."""
-    completion = sum(f.generated_tokens for f in finished)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion}
+    return usage_counts(prompt_tokens, sum(f.generated_tokens for f in finished))
+
+
+def prompt_scores(scores: Sequence[TokenLogprob | None] | None, prompt_ids: list[int]
+                  ) -> Sequence[TokenLogprob | None]:
+    """A prompt's scores, one per character: the engine's, or none at all where it has none."""
+    if scores is None or len(scores) != len(prompt_ids):
+        return (None,) * len(prompt_ids)
+    return scores

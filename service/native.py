@@ -28,6 +28,7 @@ from service.generation import (
     ServiceDep,
     cancel_all,
     nth_sample,
+    prompt_scores,
     sampling_params,
     timings,
     usage,
@@ -67,8 +68,8 @@ def to_engine_requests(service: Service, body: schemas.GenerateRequest,
     if stream and p.decoder_input_details:
         raise errors.invalid("parameters.decoder_input_details: not with streaming (as in TGI); use "
                              "/generate", param="parameters.decoder_input_details")
-    settings = sampling(p)
-    if best_of > 1 and not settings.samples:
+    params = sampling_params(sampling(p), service.engine.tokenizer.vocab_size)
+    if best_of > 1 and params.greedy:
         raise errors.invalid("parameters.best_of: needs sampling (do_sample: true or a temperature, "
                              "top_k, top_p or typical_p); greedy decoding would give the same text "
                              f"{best_of} times", param="parameters.best_of")
@@ -82,9 +83,8 @@ def to_engine_requests(service: Service, body: schemas.GenerateRequest,
     # Every stream event and details.tokens carry log-probabilities; a plain JSON answer needs none.
     logprobs = (p.top_n_tokens or 0) if stream or p.details else None
     prompt_logprobs = 0 if p.details and p.decoder_input_details else None
-    first = GenerationRequest(prompt_ids, max_new_tokens,
-                              sampling_params(settings, service.engine.tokenizer.vocab_size),
-                              tuple(p.stop), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+    first = GenerationRequest(prompt_ids, max_new_tokens, params, tuple(p.stop), logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs)
     rest = GenerationRequest(prompt_ids, max_new_tokens, first.params, first.stop, logprobs=logprobs)
     return [first] + [nth_sample(rest, i) for i in range(1, best_of)]
 
@@ -128,9 +128,7 @@ def generated_tokens(service: Service, outcome: Outcome,
 
 
 def prefill(service: Service, prompt_ids: list[int], finished: Finished) -> list[schemas.PrefillToken]:
-    chars, scores = service.engine.tokenizer.chars, finished.prompt_logprobs
-    if scores is None or len(scores) != len(prompt_ids):
-        scores = (None,) * len(prompt_ids)
+    chars, scores = service.engine.tokenizer.chars, prompt_scores(finished.prompt_logprobs, prompt_ids)
     return [schemas.PrefillToken(id=i, text=chars[i], logprob=finite(score.logprob) if score else None)
             for i, score in zip(prompt_ids, scores, strict=True)]
 

@@ -28,10 +28,12 @@ from service.generation import (
     Service,
     ServiceDep,
     nth_sample,
+    prompt_scores,
     sampling_params,
     total_usage,
+    usage_counts,
 )
-from service.native import log_fields, stream_steps
+from service.native import finite, log_fields, stream_steps
 from service.sse import sse_response
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
@@ -136,10 +138,6 @@ def continuous_usage(body: schemas.CompletionRequest) -> bool:
 
 # --- Log-probabilities, in the legacy Completions shape ---------------------------------------------
 
-def finite(logprob: float) -> float | None:
-    return logprob if math.isfinite(logprob) else None
-
-
 def top_logprobs(chars: str, token: TokenLogprob, n: int) -> dict[str, float]:
     """The n most likely characters and the one chosen (so up to n + 1), as OpenAI answers."""
     top = {chars[i]: lp for i, lp in token.top[:n] if math.isfinite(lp)}
@@ -158,8 +156,7 @@ class LogprobsBuilder:
 
     def prompt(self, prompt_ids: list[int], scores: Sequence[TokenLogprob | None] | None
                ) -> schemas.CompletionLogprobs:
-        if scores is None or len(scores) != len(prompt_ids):
-            scores = (None,) * len(prompt_ids)
+        scores = prompt_scores(scores, prompt_ids)
         logprobs = self._empty()
         for token_id, score in zip(prompt_ids, scores, strict=True):
             self._add(logprobs, self.chars[token_id], score)
@@ -266,7 +263,8 @@ def _chunks(service: Service, request: Request, handles: list[RequestHandle], wo
     body, chars = work.body, service.engine.tokenizer.chars
     created = int(time.time())
     model = body.model
-    per_token = body.logprobs is not None or continuous_usage(body)
+    usage_in_every_chunk = continuous_usage(body)
+    per_token = body.logprobs is not None or usage_in_every_chunk
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     samples = len(work.prompts) * work.best_of
     choices = {index: _ChoiceStream(prompt, LogprobsBuilder(chars, body.logprobs or 0))
@@ -279,10 +277,8 @@ def _chunks(service: Service, request: Request, handles: list[RequestHandle], wo
         state = choices[index]
         reason = FINISH_REASONS[finished.finish_reason] if finished else None
         stats = None
-        if continuous_usage(body):
-            prompt_tokens = len(work.prompt_ids[state.prompt])
-            stats = schemas.Usage(prompt_tokens=prompt_tokens, completion_tokens=state.tokens,
-                                  total_tokens=prompt_tokens + state.tokens)
+        if usage_in_every_chunk:
+            stats = schemas.Usage(**usage_counts(len(work.prompt_ids[state.prompt]), state.tokens))
         return schemas.Completion(id=completion_id, created=created, model=model, usage=stats, choices=[
             schemas.CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)
         ]).model_dump_json()
