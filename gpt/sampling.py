@@ -2,9 +2,11 @@
 a draw from counter-based noise.
 
 Order, as in Hugging Face's logits processors: logit bias, repetition penalty, presence and
-frequency penalties, temperature, typical-p, then top-k, top-p and min-p on the sorted row. The
-most likely character always survives the filters, so no row is ever left without one. Temperature
-0 means greedy (argmax of the penalised logits).
+frequency penalties, temperature, typical-p, then top-k, top-p and min-p, which come to one
+threshold per row. The most likely character always survives the filters, so no row is ever left
+without one. Temperature 0 means greedy (argmax of the penalised logits). A batch's settings are
+tensors built once while the same rows decode together (BatchSettings), so a step costs a fixed
+number of tensor operations, not a number per row.
 
 The draw needs no generator state: each row's uniform number is a hash of (seed, position)
 (splitmix64), and the token is where it falls in the row's cumulative distribution. A seed
@@ -14,13 +16,17 @@ with the same result.
 
 from __future__ import annotations
 
+import enum
+import math
 import random
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property, reduce
 from itertools import chain
+from operator import or_
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from gpt.tensors import float_tensor, long_tensor
@@ -54,12 +60,28 @@ class SamplingParams:
             raise ValueError("typical_p must be in (0, 1]")
 
     @cached_property
-    def row_settings(self) -> tuple[float, float, float, float, float]:
-        """Temperature, top-k, top-p, min-p and typical-p as the batched sampler's columns, with
-        the off values that change nothing (k = 2**24, any p past 1 taken as 2, min-p 0)."""
-        return (self.temperature or 1.0, float(self.top_k or 2**24),
-                self.top_p if self.uses_top_p else 2.0, self.min_p or 0.0,
+    def row_settings(self) -> tuple[float, float, float, float]:
+        """Temperature, top-p, log(min-p) and typical-p as the batched sampler's columns, with the
+        off values that change nothing (any p past 1 taken as 2, log(min-p) -inf)."""
+        return (self.temperature or 1.0, self.top_p if self.uses_top_p else 2.0,
+                math.log(self.min_p) if self.min_p else -math.inf,
                 self.typical_p if self.uses_typical_p else 2.0)
+
+    @cached_property
+    def uses(self) -> int:
+        """The processors this row needs, as Uses flags: a batch ORs its rows' flags once per step
+        rather than asking each row about each processor. A greedy row ignores the sampling ones."""
+        penalties = ((Uses.REPETITION if self.repetition_penalty != 1.0 else 0)
+                     | (Uses.COUNTS if self.counts_generated else 0))
+        if self.greedy:
+            return int(penalties | Uses.GREEDY)
+        return int(penalties | Uses.SAMPLED
+                   | (Uses.TEMPERATURE if self.temperature != 1.0 else 0)
+                   | (Uses.TINY_TEMPERATURE if self.temperature < 0.01 else 0)
+                   | (Uses.TYPICAL_P if self.uses_typical_p else 0)
+                   | (Uses.TOP_K if self.top_k is not None else 0)
+                   | (Uses.TOP_P if self.uses_top_p else 0)
+                   | (Uses.MIN_P if self.min_p else 0))
 
     @property
     def greedy(self) -> bool:
@@ -74,14 +96,25 @@ class SamplingParams:
         return (self.typical_p or 1.0) < 1.0
 
     @property
-    def filters(self) -> bool:
-        """Whether the sorted-row filters (top-k, top-p, min-p) change anything."""
-        return self.top_k is not None or self.uses_top_p or bool(self.min_p)
-
-    @property
     def counts_generated(self) -> bool:
         """Whether the presence or frequency penalty needs counts of the generated characters."""
         return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+class Uses(enum.IntFlag):
+    """What a step's rows ask of the sampler (SamplingParams.uses)."""
+
+    BIAS = enum.auto()  # set by the rows that carry a bias, not by their params
+    REPETITION = enum.auto()
+    COUNTS = enum.auto()
+    GREEDY = enum.auto()
+    SAMPLED = enum.auto()
+    TEMPERATURE = enum.auto()
+    TINY_TEMPERATURE = enum.auto()  # below 0.01: logits / temperature can overflow
+    TYPICAL_P = enum.auto()
+    TOP_K = enum.auto()
+    TOP_P = enum.auto()
+    MIN_P = enum.auto()
 
 
 def new_seed(seed: int | None) -> int:
@@ -92,27 +125,29 @@ def new_seed(seed: int | None) -> int:
 # --- Counter-based noise ------------------------------------------------------------------------
 
 MASK64 = 2**64 - 1
-GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
 
 
-def splitmix64(x: int) -> int:
-    """splitmix64's finaliser (Steele, Lea and Flood 2014) on an unsigned 64-bit integer: every output
-    bit depends on every input bit. Plain Python integers: exact, and the same on every machine."""
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
-    return x ^ (x >> 31)
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser (Steele, Lea and Flood 2014) on unsigned 64-bit integers (uint64, which
+    wraps as the algorithm needs): every output bit depends on every input bit. Exact, and the same
+    on every machine."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
-@lru_cache(maxsize=4096)
-def seed_key(seed: int) -> int:
-    """A seed's own stream key, computed once per seed."""
-    return splitmix64((seed + GOLDEN_GAMMA) & MASK64)
+def stream_keys(seeds: SequenceOf[int]) -> np.ndarray:
+    """Each seed's own stream key (uint64)."""
+    return splitmix64(np.array([seed & MASK64 for seed in seeds], dtype=np.uint64) + GOLDEN_GAMMA)
 
 
-def uniform(key: int, position: int) -> float:
-    """A uniform number in (0, 1): a function of a row's seed key and position alone. A dozen integer
-    operations per row on the host cost less than a dozen tensor calls for a whole batch."""
-    return ((splitmix64((key + position * GOLDEN_GAMMA) & MASK64) >> 11) + 0.5) * 2.0**-53
+def uniforms(keys: np.ndarray, positions: np.ndarray | SequenceOf[int]) -> np.ndarray:
+    """Uniform numbers in (0, 1), float64, for each stream key at each position (broadcast): a
+    function of the two alone. A dozen numpy operations for any number of rows and positions, where
+    Python integers cost a microsecond each."""
+    bits = splitmix64(keys + np.asarray(positions, dtype=np.uint64) * GOLDEN_GAMMA)
+    return ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
 
 
 # --- Logits processors over (R, V), each row with its own setting --------------------------------
@@ -157,30 +192,47 @@ def typical_mask(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     return drop.scatter(-1, most_likely, False)
 
 
-def sorted_filters_mask(sorted_logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
-                        min_p: torch.Tensor | None) -> torch.Tensor:
-    """True for the sorted entries (R, V, most likely first) that top-k (R, 1) long, top-p (R, 1)
-    and min-p (R, 1) drop; None for a filter no row uses. Off values: k >= V, p >= 1 (taken as 2,
-    beyond any rounding of the sum), min_p = 0. The first entry is always kept."""
-    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+def kept_threshold(sorted_logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+                   log_min_p: torch.Tensor | None) -> torch.Tensor:
+    """The lowest logit each row keeps (R, 1) under top-k, top-p and min-p, from its logits sorted
+    most likely first (R, V): the k-th largest (top_k (R, 1), the 0-based index k - 1, clamped to
+    V - 1), the logit at which the sorted mass first reaches top_p (R, 1), and the most likely plus
+    log_min_p (R, 1); the highest of those. A filter no row uses is None. Off values: k - 1 >= V - 1,
+    p >= 1 (taken as 2, beyond any rounding of the sum), log_min_p -inf. Never above the most likely
+    logit, so that character is always kept; characters tied with the threshold are all kept, as in
+    Hugging Face's TopKLogitsWarper."""
+    threshold = sorted_logits[:, -1:]
     if top_k is not None:
-        drop |= torch.arange(sorted_logits.size(-1), device=sorted_logits.device) >= top_k
-    if top_p is not None or min_p is not None:
+        threshold = sorted_logits.gather(-1, top_k)
+    if top_p is not None:
         probs = torch.softmax(sorted_logits, dim=-1)
-        if top_p is not None:
-            drop |= probs.cumsum(dim=-1) - probs >= top_p  # the mass before each entry
-        if min_p is not None:
-            drop |= probs < min_p * probs[:, :1]
-    drop[:, 0] = False
-    return drop
+        kept = (probs.cumsum(dim=-1) - probs < top_p).sum(dim=-1, keepdim=True)  # the mass before each
+        threshold = threshold.maximum(sorted_logits.gather(-1, kept.clamp_(min=1) - 1))
+    if log_min_p is not None:
+        threshold = threshold.maximum(sorted_logits[:, :1] + log_min_p)
+    return threshold
 
 
-def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One index per row (R,), index i with probability probs[i] (rows need not sum to 1): where the
-    row's uniform u (R,) falls in its cumulative sum. Entries of probability 0 are never picked."""
-    cumulative = probs.double().cumsum(dim=-1)
-    picked = torch.searchsorted(cumulative, u[:, None] * cumulative[:, -1:], right=True)
-    return picked[:, 0].clamp_(max=probs.size(-1) - 1)
+def apply_filters(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+                  log_min_p: torch.Tensor | None, largest: int | None = None) -> torch.Tensor:
+    """-inf for the characters that top-k, top-p and min-p (as kept_threshold takes them) drop from
+    each row of logits (R, V): a threshold per row, applied in vocabulary order as unfiltered rows
+    are drawn, so that a row's draw does not depend on what the other rows of its batch ask for.
+    With top-k alone, `largest` (the largest k) lets a partial sort do: topk costs a third of a
+    whole sort here."""
+    sorted_logits = (torch.topk(logits, largest, dim=-1) if largest is not None
+                     else torch.sort(logits, dim=-1, descending=True)).values
+    threshold = kept_threshold(sorted_logits, top_k, top_p, log_min_p)
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One index per row (R,), index i with probability softmax(logits)[i]: where the row's uniform u
+    (R,) falls in its cumulative distribution, summed in float64. Entries of probability 0 (-inf)
+    are never picked."""
+    cumulative = torch.softmax(logits, dim=-1, dtype=torch.float64).cumsum_(dim=-1)
+    below = cumulative <= u[:, None] * cumulative[:, -1:]  # the entries the draw passes over
+    return below.sum(dim=-1).clamp_(max=logits.size(-1) - 1)
 
 
 # --- One step for a batch of rows ----------------------------------------------------------------
@@ -220,7 +272,76 @@ class Sampled:
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return float_tensor(values, device).float()[:, None]
+    return float_tensor(values, device, torch.float32)[:, None]
+
+
+NOISE_STEPS = 64
+
+
+class BatchSettings:
+    """The sampling settings of a list of rows as the tensors the batched sampler reads, built once
+    for as long as the same rows decode together (`for_rows`): a step then gathers nothing from its
+    rows but their positions and, where penalties need them, their histories. A row's params must
+    not change while it is sampled."""
+
+    _last: BatchSettings | None = None  # the latest batch: the next step's rows are usually the same
+
+    def __init__(self, rows: SequenceOf[RowState], device: torch.device, vocab_size: int) -> None:
+        self.rows, self.device, self.vocab_size = list(rows), device, vocab_size
+        params = [row.params for row in rows]
+        self.biased = [i for i, row in enumerate(rows) if row.bias is not None]
+        self.uses = Uses(reduce(or_, (p.uses for p in params), Uses.BIAS if self.biased else 0))
+        self.penalized = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        self.repetition_penalty = _column([params[i].repetition_penalty for i in self.penalized], device)
+        self.counted = [i for i, p in enumerate(params) if p.counts_generated]
+        self.presence = _column([params[i].presence_penalty for i in self.counted], device)
+        self.frequency = _column([params[i].frequency_penalty for i in self.counted], device)
+        everyone = not self.uses & Uses.GREEDY
+        self.sampling = [i for i, p in enumerate(params) if everyone or not p.greedy]
+        self.sampling_index = None if everyone else long_tensor(self.sampling, device)
+        sampled = [params[i] for i in self.sampling]
+        settings = float_tensor(chain.from_iterable(p.row_settings for p in sampled), device, torch.float32)
+        self.temperature, self.top_p, self.log_min_p, self.typical_p = settings.view(-1, 4).split(1, dim=-1)
+        self.keys = stream_keys([rows[i].seed for i in self.sampling])
+        self.noise_positions: list[int] = []  # the sampled rows' positions at the noise table's first column
+        self.noise_table = torch.empty(0)
+        self.top_k = self.largest = None  # top-k's k-th place (0-based) per row; the largest k, for topk
+        if self.uses & Uses.TOP_K:
+            last_kept = [min(p.top_k or vocab_size, vocab_size) - 1 for p in sampled]
+            self.top_k = long_tensor(last_kept, device)[:, None]
+            if not self.uses & (Uses.TOP_P | Uses.MIN_P) and max(last_kept) + 1 < vocab_size:
+                self.largest = max(last_kept) + 1
+        if not self.uses & Uses.TOP_P:
+            self.top_p = None
+        if not self.uses & Uses.MIN_P:
+            self.log_min_p = None
+
+    @classmethod
+    def for_rows(cls, rows: SequenceOf[RowState], device: torch.device, vocab_size: int) -> BatchSettings:
+        """The settings of these rows: the latest batch's when it holds the same rows in the same order."""
+        last = cls._last
+        shape = (device, vocab_size, len(rows))
+        if (last is not None and (last.device, last.vocab_size, len(last.rows)) == shape
+                and all(a is b for a, b in zip(last.rows, rows, strict=True))):
+            return last
+        cls._last = batch = cls(rows, device, vocab_size)
+        return batch
+
+    def noise(self, positions: list[int]) -> torch.Tensor:
+        """The sampled rows' uniforms (R,) at these positions. The rows of a batch advance together,
+        so a table of the next NOISE_STEPS positions of every row serves that many steps with one
+        column each, rather than a dozen numpy operations a step."""
+        offset = positions[0] - self.noise_positions[0] if self.noise_positions else -1
+        if not (0 <= offset < NOISE_STEPS and all(
+                p - start == offset for p, start in zip(positions, self.noise_positions, strict=True))):
+            self.noise_positions, offset = positions, 0
+            ahead = np.array(positions, dtype=np.uint64)[:, None] + np.arange(NOISE_STEPS, dtype=np.uint64)
+            self.noise_table = torch.from_numpy(uniforms(self.keys[:, None], ahead)).to(self.device)
+        return self.noise_table[:, offset]
+
+    def stacked(self, indices: list[int], history: str) -> torch.Tensor:
+        """The rows' `history` tensors (seen, counts or bias) stacked (len(indices), V)."""
+        return torch.stack([getattr(self.rows[i], history) for i in indices]).to(self.device)
 
 
 def sample_rows(logits: torch.Tensor, rows: SequenceOf[RowState], top_n: int = 0) -> Sampled:
@@ -228,57 +349,39 @@ def sample_rows(logits: torch.Tensor, rows: SequenceOf[RowState], top_n: int = 0
     alternatives (0..5) with their log-probabilities for every row. Never raises on finite logits."""
     logits = logits.float()
     device = logits.device
+    batch = BatchSettings.for_rows(rows, device, logits.size(-1))
+    uses = batch.uses
     log_probs = torch.log_softmax(logits, dim=-1)  # the raw distribution, which logprobs report
-    params = [row.params for row in rows]
 
     x = logits
-    biased = [i for i, row in enumerate(rows) if row.bias is not None]
-    if biased:
-        x = x.index_add(0, long_tensor(biased, device),
-                        torch.stack([rows[i].bias for i in biased]).to(device))
-    penalized = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
-    if penalized:
-        index = long_tensor(penalized, device)
+    if uses & Uses.BIAS:
+        x = x.index_add(0, long_tensor(batch.biased, device), batch.stacked(batch.biased, "bias"))
+    if uses & Uses.REPETITION:
+        index = long_tensor(batch.penalized, device)
         x = x.index_copy(0, index, apply_repetition_penalty(
-            x[index], torch.stack([rows[i].seen for i in penalized]).to(device),
-            _column([params[i].repetition_penalty for i in penalized], device)))
-    counted = [i for i, p in enumerate(params) if p.counts_generated]
-    if counted:
-        index = long_tensor(counted, device)
+            x[index], batch.stacked(batch.penalized, "seen"), batch.repetition_penalty))
+    if uses & Uses.COUNTS:
+        index = long_tensor(batch.counted, device)
         x = x.index_copy(0, index, apply_presence_frequency(
-            x[index], torch.stack([rows[i].counts for i in counted]).to(device),
-            _column([params[i].presence_penalty for i in counted], device),
-            _column([params[i].frequency_penalty for i in counted], device)))
-    overflow_possible = bool(biased or penalized or counted)
+            x[index], batch.stacked(batch.counted, "counts"), batch.presence, batch.frequency))
+    overflow_possible = bool(uses & (Uses.BIAS | Uses.REPETITION | Uses.COUNTS | Uses.TINY_TEMPERATURE))
 
-    sampling = [i for i, p in enumerate(params) if not p.greedy]
-    everyone = len(sampling) == len(rows)
-    if not everyone:  # the greedy rows' answer; sampled rows are replaced below
+    if uses & Uses.GREEDY:  # the greedy rows' answer; sampled rows are replaced below
         tokens = (finite(x) if overflow_possible else x).argmax(dim=-1)
-    if sampling:
-        index = None if everyone else long_tensor(sampling, device)
-        chosen = [params[i] for i in sampling]
-        settings = float_tensor(chain.from_iterable(p.row_settings for p in chosen), device)
-        temperature, top_k, top_p, min_p, typical_p = settings.float().view(-1, 5).split(1, dim=-1)
-        u = float_tensor([uniform(seed_key(rows[i].seed), rows[i].position) for i in sampling], device)
-        y = x if everyone else x[index]
-        if any(p.temperature != 1.0 for p in chosen):
-            y = apply_temperature(y, temperature)
-            overflow_possible = overflow_possible or min(p.temperature for p in chosen) < 0.01
+    if uses & Uses.SAMPLED:
+        u = batch.noise([rows[i].position for i in batch.sampling])
+        index = batch.sampling_index
+        y = x if index is None else x[index]
+        if uses & Uses.TEMPERATURE:
+            y = apply_temperature(y, batch.temperature)
         if overflow_possible:
             y = finite(y)
-        if any(p.uses_typical_p for p in chosen):
-            y = y.masked_fill(typical_mask(y, typical_p), float("-inf"))
-        if any(p.filters for p in chosen):
-            sorted_y, order = torch.sort(y, dim=-1, descending=True)
-            drop = sorted_filters_mask(sorted_y, top_k.long() if any(p.top_k for p in chosen) else None,
-                                       top_p if any(p.uses_top_p for p in chosen) else None,
-                                       min_p if any(p.min_p for p in chosen) else None)
-            # Drawn in vocabulary order, as unfiltered rows are: a row's draw must not depend on
-            # what the other rows of its batch ask for.
-            y = y.masked_fill(torch.empty_like(drop).scatter_(-1, order, drop), float("-inf"))
-        picked = draw(torch.softmax(y, dim=-1), u)
-        tokens = picked if everyone else tokens.index_copy(0, index, picked)
+        if uses & Uses.TYPICAL_P:
+            y = y.masked_fill(typical_mask(y, batch.typical_p), float("-inf"))
+        if uses & (Uses.TOP_K | Uses.TOP_P | Uses.MIN_P):
+            y = apply_filters(y, batch.top_k, batch.top_p, batch.log_min_p, batch.largest)
+        picked = draw(y, u)
+        tokens = picked if index is None else tokens.index_copy(0, index, picked)
 
     chosen_logprobs = log_probs.gather(-1, tokens[:, None])[:, 0]
     top = most_likely(log_probs, top_n) if top_n else None

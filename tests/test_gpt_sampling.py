@@ -2,63 +2,71 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from gpt.sampling import (
+    BatchSettings,
     Row,
     SamplingParams,
+    apply_filters,
     apply_presence_frequency,
     apply_repetition_penalty,
     apply_temperature,
     dense_bias,
     draw,
     finite,
+    kept_threshold,
     sample_rows,
-    seed_key,
-    sorted_filters_mask,
     splitmix64,
+    stream_keys,
     typical_mask,
-    uniform,
+    uniforms,
 )
 
 
-def kept(logits: torch.Tensor, drop: torch.Tensor) -> list[bool]:
-    return (~drop).tolist()[0]
-
-
-def column(*values, dtype=torch.float32):
-    return torch.tensor(values, dtype=dtype)[:, None]
+def kept(sorted_logits: torch.Tensor, threshold: torch.Tensor) -> list[list[bool]]:
+    return (sorted_logits >= threshold).tolist()
 
 
 def test_splitmix64_gives_the_reference_stream():
     # SplitMix64 from state 0 (Steele, Lea and Flood; Vigna's reference code): its first three outputs.
-    state, outputs = 0, []
-    for _ in range(3):
-        state = (state + 0x9E3779B97F4A7C15) % 2**64
-        outputs.append(splitmix64(state))
-    assert outputs == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    states = np.arange(1, 4, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    assert splitmix64(states).tolist() == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
 
 
 def test_uniforms_are_in_the_open_interval_and_look_uniform():
     # Neighbouring seeds at one position, and one seed along its positions: both look uniform.
-    for u in (torch.tensor([uniform(seed_key(seed), 0) for seed in range(100_000)]),
-              torch.tensor([uniform(seed_key(7), position) for position in range(100_000)])):
+    for u in (torch.from_numpy(uniforms(stream_keys(range(100_000)), [0] * 100_000)),
+              torch.from_numpy(uniforms(stream_keys([7]), np.arange(100_000)))):
         assert 0 < u.min() and u.max() < 1
         assert abs(u.mean().item() - 0.5) < 0.005
         assert abs(u.var().item() - 1 / 12) < 0.002
         assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1]) < 0.01
         assert torch.histc(u.float(), bins=10, min=0, max=1).sub(10_000).abs().max() < 500
-    # Seeds past int64 and the largest positions stay in range.
-    assert 0 < uniform(seed_key(2**64 - 1), 2**40) < 1
+    # Seeds past int64, negative seeds and the largest positions stay in range.
+    extremes = uniforms(stream_keys([2**64 - 1, -5, 2**70]), [2**40, 0, 1])
+    assert ((0 < extremes) & (extremes < 1)).all()
+
+
+def test_the_noise_table_gives_each_row_its_own_uniform_at_its_own_position():
+    rows = [Row(SamplingParams(seed=s), seed=s, position=p) for s, p in ((3, 0), (4, 17), (5, 200))]
+    batch = BatchSettings(rows, torch.device("cpu"), 65)
+    for step in (0, 1, 63, 64, 65, 7):  # within the table, past its end, and back before its start
+        positions = [row.position + step for row in rows]
+        expected = uniforms(stream_keys([3, 4, 5]), positions)
+        assert batch.noise(positions).tolist() == expected.tolist()
+    # Rows out of step with each other get their own uniforms all the same.
+    assert batch.noise([1, 0, 5]).tolist() == uniforms(stream_keys([3, 4, 5]), [1, 0, 5]).tolist()
 
 
 def test_draw_picks_by_the_cumulative_distribution_and_never_a_zero():
-    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]]).expand(5, 5)
+    logits = torch.log(torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]])).expand(5, 5)
     u = torch.tensor([1e-12, 0.49, 0.5, 0.51, 1 - 1e-16], dtype=torch.float64)
-    assert draw(probs, u).tolist() == [1, 1, 3, 3, 3]
-    # Rows need not be normalised.
-    assert draw(probs * 3, u).tolist() == [1, 1, 3, 3, 3]
+    assert draw(logits, u).tolist() == [1, 1, 3, 3, 3]
+    # Logits are relative: adding a constant changes nothing.
+    assert draw(logits + 7, u).tolist() == [1, 1, 3, 3, 3]
 
 
 def test_temperature_zero_is_argmax_of_each_row():
@@ -75,22 +83,38 @@ def test_top_k_one_equals_greedy():
     assert sample_rows(logits, rows).tokens == logits.argmax(-1).tolist()
 
 
+def column(*values, dtype=torch.float32):
+    return torch.tensor(values, dtype=dtype)[:, None]
+
+
 def test_top_k_keeps_the_k_largest_per_row():
     sorted_logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]] * 2)
-    top_k = column(3, 5, dtype=torch.long)
-    drop = sorted_filters_mask(sorted_logits, top_k, column(2.0, 2.0), column(0.0, 0.0))
-    assert (~drop).tolist() == [[True, True, True, False, False], [True] * 5]
+    top_k = column(2, 4, dtype=torch.long)  # k - 1: k = 3 and k = 5
+    threshold = kept_threshold(sorted_logits, top_k, column(2.0, 2.0), column(-math.inf, -math.inf))
+    assert kept(sorted_logits, threshold) == [[True, True, True, False, False], [True] * 5]
     # Filters no row uses are left out, with the same result.
-    assert torch.equal(sorted_filters_mask(sorted_logits, top_k, None, None), drop)
-    assert not sorted_filters_mask(sorted_logits, None, None, None).any()
+    assert torch.equal(kept_threshold(sorted_logits, top_k, None, None), threshold)
+    assert all(all(row) for row in kept(sorted_logits, kept_threshold(sorted_logits, None, None, None)))
+    # topk's partial sort (the largest k) and a whole sort give the same filtered logits.
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0], [2.0, 1.0, 5.0, 3.0, 4.0]])
+    partial = apply_filters(logits, top_k, None, None, largest=5)
+    assert torch.equal(partial, apply_filters(logits, top_k, None, None))
+    top_2 = apply_filters(logits, column(1, 1, dtype=torch.long), None, None, largest=2)
+    assert torch.equal(top_2.isfinite(), logits >= 4)
+
+
+def test_top_k_keeps_characters_tied_with_the_kth():
+    sorted_logits = torch.tensor([[3.0, 2.0, 2.0, 1.0]])
+    assert kept(sorted_logits, kept_threshold(sorted_logits, column(1, dtype=torch.long), None, None)) == \
+        [[True, True, True, False]]
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     sorted_logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]]))
 
     def top_p(p: float) -> list[bool]:
-        return kept(sorted_logits, sorted_filters_mask(sorted_logits, column(5, dtype=torch.long), column(p),
-                                                       column(0.0)))
+        return kept(sorted_logits, kept_threshold(sorted_logits, column(4, dtype=torch.long), column(p),
+                                                  column(-math.inf)))[0]
 
     # 0.5 alone does not reach 0.7; 0.5 + 0.3 does, so two are kept.
     assert top_p(0.7)[:3] == [True, True, False]
@@ -102,10 +126,11 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def test_min_p_keeps_characters_at_least_that_fraction_of_the_most_likely():
     sorted_logits = torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04]]))
-    drop = sorted_filters_mask(sorted_logits, column(5, dtype=torch.long), column(2.0), column(0.15))
-    assert kept(sorted_logits, drop) == [True, True, True, False, False]  # at least 0.075
-    drop = sorted_filters_mask(sorted_logits, column(5, dtype=torch.long), column(2.0), column(1.0))
-    assert kept(sorted_logits, drop) == [True, False, False, False, False]
+    top_k = column(4, dtype=torch.long)
+    threshold = kept_threshold(sorted_logits, top_k, column(2.0), column(math.log(0.15)))
+    assert kept(sorted_logits, threshold) == [[True, True, True, False, False]]  # at least 0.075
+    threshold = kept_threshold(sorted_logits, column(4, dtype=torch.long), column(2.0), column(0.0))
+    assert kept(sorted_logits, threshold) == [[True, False, False, False, False]]
 
 
 def test_typical_p_keeps_the_characters_closest_to_the_entropy():
@@ -179,6 +204,39 @@ def test_same_seed_same_token_alone_or_in_any_batch():
         alone = sample_rows(logits[i:i + 1], [rows[i]], top_n=3)
         assert alone.tokens[0] == together.tokens[i]
         assert alone.logprobs[0] == pytest.approx(together.logprobs[i], abs=1e-6)
+
+
+def test_a_batch_kept_over_many_steps_draws_what_each_row_draws_alone():
+    # The same rows for 150 steps (past two noise tables), their settings built once, against each
+    # row sampled alone for as many steps; one row leaves after 100 steps and the batch is built anew.
+    torch.manual_seed(0)
+    logits = torch.randn(150, 4, 65)
+    # A greedy row's top-k (ignored) beside sampled rows without it.
+    settings = [SamplingParams(temperature=0.8, top_p=0.95), SamplingParams(top_p=0.9),
+                SamplingParams(temperature=0, top_k=5), SamplingParams(min_p=0.1, temperature=1.2)]
+
+    def run(members: list[int]) -> dict[int, list[int]]:
+        rows = {i: Row(settings[i], seed=40 + i, position=3 * i) for i in members}
+        drawn: dict[int, list[int]] = {i: [] for i in members}
+        batches = []
+        for step in range(150):
+            if step == 100:
+                rows.pop(0, None)
+            order = list(rows)
+            if not order:
+                break
+            tokens = sample_rows(logits[step, order], [rows[i] for i in order]).tokens
+            batches.append(BatchSettings._last)
+            for i, token in zip(order, tokens, strict=True):
+                drawn[i].append(token)
+                rows[i].position += 1
+        if len(members) > 1:
+            assert all(batch is batches[0] for batch in batches[:100]) and batches[100] is not batches[99]
+        return drawn
+
+    together = run([0, 1, 2, 3])
+    for i in range(4):
+        assert run([i])[i] == together[i]
 
 
 def test_sampling_follows_the_distribution():
