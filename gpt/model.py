@@ -140,6 +140,13 @@ class CacheRows:
         self.write(v_cache, v)
         keys = k_cache[self.selector, :, :self.length]  # (R, n_head, L, head_dim)
         values = v_cache[self.selector, :, :self.length]
+        if q.size(2) == 1 and q.device.type == "cpu":
+            # One query per row: two batched products beat the CPU's flash-attention kernel, which is
+            # tiled for long sequences (docs/benchmarks.md). CUDA keeps SDPA's fused kernels.
+            scores = (q @ keys.transpose(-1, -2)).mul_(q.size(-1) ** -0.5)  # (R, n_head, 1, L)
+            if self.mask is not None:
+                scores.masked_fill_(~self.mask, float("-inf"))
+            return scores.softmax(dim=-1) @ values
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, is_causal=self.is_causal)
 
 
