@@ -17,9 +17,9 @@ three ways, `--repeats` times:
 - engine iteration: `service.engine.Engine`'s scheduler loop with R requests running (the decode step
   through `advance`, then settling: events, finished rows, delivery), in process, with an `on_events`
   sink that does what service/engine_process.py's `forward` does: each iteration's deliveries, by
-  request id, sent down a `multiprocessing` pipe (pickled and written; a child process reads and
-  drops them). Timed between consecutive deliveries while all R requests run, admissions and the
-  last step left out.
+  request id, packed (`pack_events`) and sent down a `multiprocessing` pipe (pickled and written; a
+  child process reads and drops them). Timed between consecutive deliveries while all R requests
+  run, admissions and the last step left out.
 
 It prints microseconds per step and per row outside the model: (whole - model) / R and
 (engine - model) / R. Issue 18's target: at most 10 us per row outside the model at 64 rows.
@@ -136,8 +136,8 @@ class Handle:
 
 class EngineIterations:
     """An in-process service.engine.Engine whose deliveries go down a pipe as the engine process
-    sends them (pickled, written; a child process reads them), each delivery stamped with the time
-    and the model time spent since the last one."""
+    sends them (packed, pickled, written; a child process reads them), each delivery stamped with
+    the time and the model time spent since the last one."""
 
     def __init__(self, model: GPT, tokenizer: Any, ids: list[int], max_rows: int) -> None:
         from service.engine import Engine
@@ -161,7 +161,9 @@ class EngineIterations:
             time.sleep(0.02)
 
     def _sink(self, deliveries: Any) -> None:
-        items = [(handle.request_id, events) for handle, events in deliveries]
+        from service.engine_process import pack_events
+
+        items = [(handle.request_id, pack_events(events)) for handle, events in deliveries]
         running = self.engine.running_rows
         self.pipe.send(("events", items, (self.engine.queue_size, running)))  # as engine_process's forward
         self.stamps.append((time.perf_counter(), running, self.clock.take()))

@@ -74,7 +74,7 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), most likely first
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: one is built per row per step, and a frozen one's __init__ costs 2.5x as much
 class TextChunk:
     """What one decode step gave a request: the text it released (usually one character; several
     when characters held back as a possible stop string turn out not to be one; empty while held
@@ -114,6 +114,7 @@ class Failed:
 
 
 Event = Admitted | TextChunk | Finished | Failed
+ENDINGS = (Finished, Failed)  # the events after which a request has no more
 
 
 class Cancellable(Protocol):
@@ -199,7 +200,7 @@ class _Work:
 
     def emit(self, event: Event) -> None:
         self.outbox.append(event)
-        self.ended = self.ended or isinstance(event, Finished | Failed)
+        self.ended = self.ended or isinstance(event, ENDINGS)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -15,9 +15,9 @@ restarts in a row, leave `alive` False: the server then exits non-zero (service/
 
 The pipe carries, down: ("submit", id, GenerationRequest), ("cancel", id), ("abort", Failed),
 ("stop",); up: ("loaded", model card) or ("error", (is a CheckpointError, message)) once,
-("ready",) after the warm-up, ("events", [(id, [Event, ...]), ...], (queue size, running rows))
-once per scheduler iteration that has news, and ("died", message) if the warm-up or the scheduler
-thread fails.
+("ready",) after the warm-up, ("events", [(id, packed events), ...], (queue size, running rows))
+once per scheduler iteration that has news (`pack_events`: a plain chunk of text as a tuple), and
+("died", message) if the warm-up or the scheduler thread fails.
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ from service.engine import (
     Deliveries,
     Engine,
     EngineUnavailable,
+    Event,
     Failed,
     Finished,
     GenerationRequest,
     QueueFull,
     RequestHandle,
+    TextChunk,
     drain_in_flight,
     to_event_loops,
 )
@@ -382,14 +384,27 @@ class EngineProcess(Admission):
     def _dispatch(self, items: list[tuple[int, list]]) -> None:
         deliveries = []
         with self._lock:
-            for request_id, events in items:
+            for request_id, packed in items:
                 handle = self._handles.get(request_id)
                 if handle is None:  # cancelled: nobody listens
                     continue
+                events = unpack_events(packed)
                 if isinstance(events[-1], Finished | Failed):
                     del self._handles[request_id]
                 deliveries.append((handle, events))
         to_event_loops(deliveries)
+
+
+def pack_events(events: list[Event]) -> list[Event | tuple[str, float]]:
+    """A request's events for the pipe. A chunk of plain text (nearly every event) goes as a tuple
+    (text, time): pickling a dataclass costs five times as much, once per row per step in the engine
+    process, and a step's rows share one time object, which pickle writes once."""
+    return [(event.text, event.time) if type(event) is TextChunk and event.token is None else event
+            for event in events]
+
+
+def unpack_events(packed: list[Event | tuple[str, float]]) -> list[Event]:
+    return [TextChunk(*event) if type(event) is tuple else event for event in packed]
 
 
 def usable_cpus() -> int:
@@ -432,7 +447,7 @@ def run_engine(settings: Settings, conn: Connection) -> None:
         last_state = state
         items = []
         for handle, events in deliveries:
-            items.append((handle.request_id, events))
+            items.append((handle.request_id, pack_events(events)))
             if isinstance(events[-1], Finished | Failed):
                 handles.pop(handle.request_id, None)
         send(("events", items, state))
