@@ -1,5 +1,7 @@
 """Generation through the cache against the no-cache oracle; seeds, stop strings, context overflow."""
 
+import sys
+
 import pytest
 import torch
 
@@ -145,11 +147,13 @@ def test_static_decoder_matches_the_dynamic_path(tiny_model, tokenizer):
     assert static == dynamic
 
 
-def test_compiled_cpu_decode_matches_the_dynamic_path(tiny_model, tokenizer):
+def test_compiled_cpu_decode_matches_the_dynamic_path(tiny_model, tokenizer, monkeypatch):
     """compile_decode on the CPU: inductor's graph of the step, with the weights frozen and packed,
     gives the eager path's logits for rows at different positions and for one row (one graph for
-    one row, one for any other count), and the same text as rows join, leave and slide their window."""
+    one row, one for any other count), and the same text as rows join, leave and slide their window.
+    Steps of more rows than COMPILED_CPU_MAX_ROWS (here 2) are the eager forward's, exactly."""
     from gpt.generate import compile_decode
+    monkeypatch.setattr(sys.modules["gpt.generate"], "COMPILED_CPU_MAX_ROWS", 2)
     prompts = [tokenizer.encode(p) for p in ("Et tu, Brute?", "CASSIUS.", "Beware the ides of March")]
     caches = {name: KVCache(tiny_model.config, max_batch=4) for name in ("eager", "compiled")}
     compile_decode(tiny_model, caches["compiled"])
@@ -175,6 +179,7 @@ def test_compiled_cpu_decode_matches_the_dynamic_path(tiny_model, tokenizer):
         texts[name] = [seq.generated_ids for seq in seqs]
     for eager, compiled in zip(logits["eager"], logits["compiled"], strict=True):
         torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert torch.equal(logits["compiled"][0], logits["eager"][0])  # 3 rows: the eager forward
     assert texts["compiled"] == texts["eager"]
     assert [len(ids) for ids in texts["eager"]] == [51, 81, 81]
 
