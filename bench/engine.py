@@ -32,6 +32,7 @@ repeats; "outside the model" is the median of the step-by-step differences.
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -165,7 +166,8 @@ class EngineIterations:
 
         items = [(handle.request_id, pack_events(events)) for handle, events in deliveries]
         running = self.engine.running_rows
-        self.pipe.send(("events", items, (self.engine.queue_size, running)))  # as engine_process's forward
+        message = ("events", items, (self.engine.queue_size, running))  # as engine_process's forward
+        self.pipe.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
         self.stamps.append((time.perf_counter(), running, self.clock.take()))
         if self.expect and running == 0 and self.engine.queue_size == 0:
             self.done.set()

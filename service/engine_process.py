@@ -27,6 +27,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import threading
 import time
@@ -436,8 +437,11 @@ def run_engine(settings: Settings, conn: Connection) -> None:
     send_lock = threading.Lock()  # the scheduler thread and this one both send
 
     def send(message: tuple) -> None:
+        # pickle.dumps, not Connection.send's ForkingPickler (a new pickler and dispatch table per
+        # message, for file descriptors these messages never hold); recv() reads either.
+        payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
         with send_lock:
-            conn.send(message)
+            conn.send_bytes(payload)
 
     def forward(deliveries: Deliveries) -> None:
         nonlocal last_state
