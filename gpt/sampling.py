@@ -227,12 +227,12 @@ def apply_filters(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch
 
 
 def draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One index per row (R,), index i with probability softmax(logits)[i]: where the row's uniform u
-    (R,) falls in its cumulative distribution, summed in float64. Entries of probability 0 (-inf)
-    are never picked."""
+    """One index per row (R,), index i with probability softmax(logits)[i]: the first entry whose
+    cumulative sum (in float64) reaches u (R,) of the row's total. Since u < 1, that level is at
+    most the total, so there always is one; an entry of probability 0 (-inf) adds nothing to the
+    sum, so it is never the first to reach a level above 0."""
     cumulative = torch.softmax(logits, dim=-1, dtype=torch.float64).cumsum_(dim=-1)
-    below = cumulative <= u[:, None] * cumulative[:, -1:]  # the entries the draw passes over
-    return below.sum(dim=-1).clamp_(max=logits.size(-1) - 1)
+    return torch.searchsorted(cumulative, u[:, None] * cumulative[:, -1:])[:, 0]
 
 
 # --- One step for a batch of rows ----------------------------------------------------------------

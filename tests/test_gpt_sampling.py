@@ -64,9 +64,11 @@ def test_the_noise_table_gives_each_row_its_own_uniform_at_its_own_position():
 def test_draw_picks_by_the_cumulative_distribution_and_never_a_zero():
     logits = torch.log(torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]])).expand(5, 5)
     u = torch.tensor([1e-12, 0.49, 0.5, 0.51, 1 - 1e-16], dtype=torch.float64)
-    assert draw(logits, u).tolist() == [1, 1, 3, 3, 3]
+    assert draw(logits, u).tolist() == [1, 1, 1, 3, 3]  # 0.5 is where the first entry's mass ends
     # Logits are relative: adding a constant changes nothing.
-    assert draw(logits + 7, u).tolist() == [1, 1, 3, 3, 3]
+    assert draw(logits + 7, u).tolist() == [1, 1, 1, 3, 3]
+    # The largest uniform there is never runs past the last entry, even with the last entries at 0.
+    assert draw(logits, torch.full((5,), 1 - 2.0**-54, dtype=torch.float64)).tolist() == [3] * 5
 
 
 def test_temperature_zero_is_argmax_of_each_row():
