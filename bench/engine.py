@@ -17,7 +17,7 @@ three ways, `--repeats` times:
 - engine iteration: `service.engine.Engine`'s scheduler loop with R requests running (the decode step
   through `advance`, then settling: events, finished rows, delivery), in process, with an `on_events`
   sink that does what service/engine_process.py's `forward` does: each iteration's deliveries, by
-  request id, packed (`pack_events`) and sent down a `multiprocessing` pipe (pickled and written; a
+  request id, handed to an `Outbox`, whose thread packs, pickles and writes them down a pipe (a
   child process reads and drops them). Timed between consecutive deliveries while all R requests
   run, admissions and the last step left out.
 
@@ -32,7 +32,6 @@ repeats; "outside the model" is the median of the step-by-step differences.
 from __future__ import annotations
 
 import os
-import pickle
 import subprocess
 import sys
 import threading
@@ -137,16 +136,18 @@ class Handle:
 
 class EngineIterations:
     """An in-process service.engine.Engine whose deliveries go down a pipe as the engine process
-    sends them (packed, pickled, written; a child process reads them), each delivery stamped with
-    the time and the model time spent since the last one."""
+    sends them (through an Outbox; a child process reads them), each delivery stamped with the time
+    and the model time spent since the last one."""
 
     def __init__(self, model: GPT, tokenizer: Any, ids: list[int], max_rows: int) -> None:
         from service.engine import Engine
+        from service.engine_process import Outbox
 
         # The far end of the pipe: a process that reads everything and keeps nothing.
         drain = "import sys\nwhile sys.stdin.buffer.read(1 << 16): pass"
         self.reader = subprocess.Popen([sys.executable, "-c", drain], stdin=subprocess.PIPE)
         self.pipe = Connection(os.dup(self.reader.stdin.fileno()), readable=False)
+        self.outbox = Outbox(self.pipe)
         self.model, self.tokenizer, self.ids = model, tokenizer, ids
         self.clock = ModelClock()
         self.stamps: list[tuple[float, int, float]] = []  # (time, running rows, model s since the last)
@@ -162,12 +163,9 @@ class EngineIterations:
             time.sleep(0.02)
 
     def _sink(self, deliveries: Any) -> None:
-        from service.engine_process import pack_events
-
-        items = [(handle.request_id, pack_events(events)) for handle, events in deliveries]
+        items = [(handle.request_id, events) for handle, events in deliveries]
         running = self.engine.running_rows
-        message = ("events", items, (self.engine.queue_size, running))  # as engine_process's forward
-        self.pipe.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+        self.outbox.send(("events", items, (self.engine.queue_size, running)))  # as engine_process's forward
         self.stamps.append((time.perf_counter(), running, self.clock.take()))
         if self.expect and running == 0 and self.engine.queue_size == 0:
             self.done.set()
@@ -198,6 +196,7 @@ class EngineIterations:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+        self.outbox.close()
         self.pipe.close()
         self.reader.stdin.close()
         self.reader.wait(timeout=30)
