@@ -1,12 +1,10 @@
 """The engine in-process, on the tiny random model: continuous batching keeps each request's text
 what it would be alone, cancelled rows are freed within two decode steps, the queue is bounded,
-and drain ends what cannot finish (faults: tests/test_engine_faults.py). And the engine process's
-Outbox: its messages reach the other end in order, packed, all of them by close()."""
+and drain ends what cannot finish (faults: tests/test_engine_faults.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 from collections.abc import Coroutine
 from typing import Any
 
@@ -21,9 +19,7 @@ from service.engine import (
     QueueFull,
     RequestHandle,
     TextChunk,
-    TokenLogprob,
 )
-from service.engine_process import Outbox, unpack_events
 from tests.conftest import MakeEngine
 
 
@@ -172,31 +168,3 @@ def test_drain_lets_short_requests_finish_and_ends_the_rest(make_engine: MakeEng
     assert not engine.ready and engine.running_rows == 0 and engine.queue_size == 0
     # The KV cache is the one allocated at start: serving never reallocates it.
     assert [t.data_ptr() for t in engine.cache.k + engine.cache.v] == cache_buffers
-
-
-def test_the_outbox_writes_in_order_packed_and_everything_by_close():
-    reader, writer = multiprocessing.Pipe(duplex=False)
-    outbox = Outbox(writer)
-    plain, scored = TextChunk("a", 1.5), TextChunk("b", 1.5, TokenLogprob(3, -0.25, ((3, -0.25),)))
-    finished = Finished("length", 2, 7, 3, False, 3, 0.0, 0.1, 0.2)
-    outbox.send(("loaded", {"context": 64}))
-    for step in range(50):
-        outbox.send(("events", [(step, [plain, scored]), (step + 1000, [finished])], (0, 2)))
-    outbox.close()
-    assert not outbox.alive
-    assert reader.recv() == ("loaded", {"context": 64})
-    for step in range(50):
-        kind, items, state = reader.recv()
-        assert (kind, state) == ("events", (0, 2))
-        assert [request_id for request_id, _ in items] == [step, step + 1000]
-        assert items[0][1] == [("a", 1.5), scored]  # a plain chunk crosses as a tuple
-        assert [unpack_events(packed) for _, packed in items] == [[plain, scored], [finished]]
-    assert not reader.poll()
-
-
-def test_an_outbox_that_cannot_send_stops_so_the_engine_process_ends():
-    reader, writer = multiprocessing.Pipe(duplex=False)
-    outbox = Outbox(writer)
-    outbox.send(("loaded", lambda: None))  # cannot be pickled
-    outbox.thread.join(timeout=10)
-    assert not outbox.alive and not reader.poll()

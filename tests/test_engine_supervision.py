@@ -2,7 +2,8 @@
 two-process mode: SIGKILL of the engine process under load fails only the requests in flight (503 with
 Retry-After, or an `error` event), /ready turns 503 and back to 200, the next requests succeed and
 /metrics counts the restart; restarts that keep failing end the server with a non-zero status; an
-engine that does not load in time, or whose first warm-up fails, ends it with one clear line.
+engine that does not load in time, or whose first warm-up fails, ends it with one clear line. And the
+engine process's Outbox: its messages reach the other end in order, packed, all of them by close().
 
 Faults inside the engine process are injected by a `sitecustomize` module on PYTHONPATH (written by
 `fault_env`), which every Python process of the server imports at start: nothing in the service
@@ -12,6 +13,7 @@ knows about it.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -25,6 +27,8 @@ import httpx
 import psutil
 import pytest
 
+from service.engine import Finished, TextChunk, TokenLogprob
+from service.engine_process import Outbox, unpack_events
 from tests.server_utils import REPO, ServerProcess, free_port, metric_value, running_server
 
 LONG = 100_000  # new characters for requests that must still be running when the engine dies
@@ -230,3 +234,31 @@ def test_a_failing_first_warm_up_ends_the_server(tiny_checkpoint: Path, tmp_path
     else:
         expected = "error: the engine's scheduler thread died: "
     assert result.stderr.splitlines()[-1] == expected + "RuntimeError: injected warm-up fault", result.stderr
+
+
+def test_the_outbox_writes_in_order_packed_and_everything_by_close():
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    outbox = Outbox(writer)
+    plain, scored = TextChunk("a", 1.5), TextChunk("b", 1.5, TokenLogprob(3, -0.25, ((3, -0.25),)))
+    finished = Finished("length", 2, 7, 3, False, 3, 0.0, 0.1, 0.2)
+    outbox.send(("loaded", {"context": 64}))
+    for step in range(50):
+        outbox.send(("events", [(step, [plain, scored]), (step + 1000, [finished])], (0, 2)))
+    outbox.close()
+    assert not outbox.alive
+    assert reader.recv() == ("loaded", {"context": 64})
+    for step in range(50):
+        kind, items, state = reader.recv()
+        assert (kind, state) == ("events", (0, 2))
+        assert [request_id for request_id, _ in items] == [step, step + 1000]
+        assert items[0][1] == [("a", 1.5), scored]  # a plain chunk crosses as a tuple
+        assert [unpack_events(packed) for _, packed in items] == [[plain, scored], [finished]]
+    assert not reader.poll()
+
+
+def test_an_outbox_that_cannot_send_stops_so_the_engine_process_ends():
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    outbox = Outbox(writer)
+    outbox.send(("loaded", lambda: None))  # cannot be pickled
+    outbox.thread.join(timeout=10)
+    assert not outbox.alive and not reader.poll()
