@@ -272,7 +272,7 @@ class Sampled:
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return float_tensor(values, device, torch.float32)[:, None]
+    return float_tensor(values, device)[:, None]
 
 
 NOISE_STEPS = 64
@@ -289,18 +289,21 @@ class BatchSettings:
     def __init__(self, rows: SequenceOf[RowState], device: torch.device, vocab_size: int) -> None:
         self.rows, self.device, self.vocab_size = list(rows), device, vocab_size
         params = [row.params for row in rows]
+        # The rows each penalty applies to, as lists (to stack their histories) and as index tensors.
         self.biased = [i for i, row in enumerate(rows) if row.bias is not None]
         self.uses = Uses(reduce(or_, (p.uses for p in params), Uses.BIAS if self.biased else 0))
         self.penalized = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         self.repetition_penalty = _column([params[i].repetition_penalty for i in self.penalized], device)
         self.counted = [i for i, p in enumerate(params) if p.counts_generated]
+        self.biased_index, self.penalized_index, self.counted_index = (
+            long_tensor(indices, device) for indices in (self.biased, self.penalized, self.counted))
         self.presence = _column([params[i].presence_penalty for i in self.counted], device)
         self.frequency = _column([params[i].frequency_penalty for i in self.counted], device)
         everyone = not self.uses & Uses.GREEDY
         self.sampling = [i for i, p in enumerate(params) if everyone or not p.greedy]
         self.sampling_index = None if everyone else long_tensor(self.sampling, device)
         sampled = [params[i] for i in self.sampling]
-        settings = float_tensor(chain.from_iterable(p.row_settings for p in sampled), device, torch.float32)
+        settings = float_tensor(chain.from_iterable(p.row_settings for p in sampled), device)
         self.temperature, self.top_p, self.log_min_p, self.typical_p = settings.view(-1, 4).split(1, dim=-1)
         self.keys = stream_keys([rows[i].seed for i in self.sampling])
         self.noise_positions: list[int] = []  # the sampled rows' positions at the noise table's first column
@@ -348,20 +351,19 @@ def sample_rows(logits: torch.Tensor, rows: SequenceOf[RowState], top_n: int = 0
     """Each row's next token from its logits (R, V), all rows in one set of tensor ops; `top_n`
     alternatives (0..5) with their log-probabilities for every row. Never raises on finite logits."""
     logits = logits.float()
-    device = logits.device
-    batch = BatchSettings.for_rows(rows, device, logits.size(-1))
+    batch = BatchSettings.for_rows(rows, logits.device, logits.size(-1))
     uses = batch.uses
     log_probs = torch.log_softmax(logits, dim=-1)  # the raw distribution, which logprobs report
 
     x = logits
     if uses & Uses.BIAS:
-        x = x.index_add(0, long_tensor(batch.biased, device), batch.stacked(batch.biased, "bias"))
+        x = x.index_add(0, batch.biased_index, batch.stacked(batch.biased, "bias"))
     if uses & Uses.REPETITION:
-        index = long_tensor(batch.penalized, device)
+        index = batch.penalized_index
         x = x.index_copy(0, index, apply_repetition_penalty(
             x[index], batch.stacked(batch.penalized, "seen"), batch.repetition_penalty))
     if uses & Uses.COUNTS:
-        index = long_tensor(batch.counted, device)
+        index = batch.counted_index
         x = x.index_copy(0, index, apply_presence_frequency(
             x[index], batch.stacked(batch.counted, "counts"), batch.presence, batch.frequency))
     overflow_possible = bool(uses & (Uses.BIAS | Uses.REPETITION | Uses.COUNTS | Uses.TINY_TEMPERATURE))

@@ -18,10 +18,9 @@ def long_tensor(values: Iterable[int], device: torch.device | str = "cpu") -> to
     return _from_array(array.array("q", values), torch.int64, device)
 
 
-def float_tensor(values: Iterable[float], device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A flat float64 (or float32) tensor of `values`, on `device`."""
-    return _from_array(array.array("f" if dtype == torch.float32 else "d", values), dtype, device)
+def float_tensor(values: Iterable[float], device: torch.device | str = "cpu") -> torch.Tensor:
+    """A flat float32 tensor of `values`, on `device`."""
+    return _from_array(array.array("f", values), torch.float32, device)
 
 
 def _from_array(values: array.array, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
