@@ -124,16 +124,6 @@ class Library:
         return model_s, whole_s
 
 
-class Handle:
-    """A request's handle in the engine, as service/engine_process.py's _Forwarded."""
-
-    __slots__ = ("request_id", "cancelled")
-
-    def __init__(self, request_id: int) -> None:
-        self.request_id = request_id
-        self.cancelled = False
-
-
 class EngineIterations:
     """An in-process service.engine.Engine whose deliveries go down a pipe as the engine process
     sends them (through an Outbox; a child process reads them), each delivery stamped with the time
@@ -174,13 +164,14 @@ class EngineIterations:
         """Seconds of each scheduler iteration while all `rows` requests ran, and of the model step
         inside each."""
         from service.engine import GenerationRequest
+        from service.engine_process import ForwardedHandle
 
         self.stamps, self.expect = [], rows
         self.done.clear()
         with self.clock:
             for r in range(rows):
                 request = GenerationRequest(list(self.ids), steps + 2, sampling_params(kind, r))
-                self.engine.submit(request, Handle(r))
+                self.engine.submit(request, ForwardedHandle(r))
             if not self.done.wait(timeout=600):
                 raise TimeoutError("the engine did not finish")
         self.expect = 0

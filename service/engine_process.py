@@ -37,13 +37,13 @@ from typing import Any
 
 from gpt import CharTokenizer, CheckpointError, read_config
 from service.engine import (
+    ENDINGS,
     Admission,
     Deliveries,
     Engine,
     EngineUnavailable,
     Event,
     Failed,
-    Finished,
     GenerationRequest,
     QueueFull,
     RequestHandle,
@@ -391,7 +391,7 @@ class EngineProcess(Admission):
                 if handle is None:  # cancelled: nobody listens
                     continue
                 events = unpack_events(packed)
-                if isinstance(events[-1], Finished | Failed):
+                if isinstance(events[-1], ENDINGS):
                     del self._handles[request_id]
                 deliveries.append((handle, events))
         to_event_loops(deliveries)
@@ -416,7 +416,7 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
-class _Forwarded:
+class ForwardedHandle:
     """A request's handle in the engine process: its id, and whether its client left."""
 
     __slots__ = ("request_id", "cancelled")
@@ -478,7 +478,7 @@ def run_engine(settings: Settings, conn: Connection) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from service.__main__ import configure_logging
     configure_logging(settings.log_level)
-    handles: dict[int, _Forwarded] = {}
+    handles: dict[int, ForwardedHandle] = {}
     last_state: tuple[int, int] | None = None
     outbox = Outbox(conn)  # this thread's messages and the scheduler thread's, in order
     send = outbox.send
@@ -492,7 +492,7 @@ def run_engine(settings: Settings, conn: Connection) -> None:
         items = []
         for handle, events in deliveries:
             items.append((handle.request_id, events))
-            if isinstance(events[-1], Finished | Failed):
+            if isinstance(events[-1], ENDINGS):
                 handles.pop(handle.request_id, None)
         send(("events", items, state))
 
@@ -523,7 +523,7 @@ def run_engine(settings: Settings, conn: Connection) -> None:
             kind = message[0]
             if kind == "submit":
                 _, request_id, request = message
-                handle = handles[request_id] = _Forwarded(request_id)
+                handle = handles[request_id] = ForwardedHandle(request_id)
                 try:
                     engine.submit(request, handle)
                 except (EngineUnavailable, QueueFull) as error:
