@@ -16,14 +16,13 @@ with the same result.
 
 from __future__ import annotations
 
-import enum
 import math
 import random
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 from functools import cached_property, reduce
 from itertools import chain
-from operator import or_
+from operator import is_, or_
 from typing import Protocol
 
 import numpy as np
@@ -74,8 +73,8 @@ class SamplingParams:
         penalties = ((Uses.REPETITION if self.repetition_penalty != 1.0 else 0)
                      | (Uses.COUNTS if self.counts_generated else 0))
         if self.greedy:
-            return int(penalties | Uses.GREEDY)
-        return int(penalties | Uses.SAMPLED
+            return penalties | Uses.GREEDY
+        return (penalties | Uses.SAMPLED
                    | (Uses.TEMPERATURE if self.temperature != 1.0 else 0)
                    | (Uses.TINY_TEMPERATURE if self.temperature < 0.01 else 0)
                    | (Uses.TYPICAL_P if self.uses_typical_p else 0)
@@ -101,20 +100,22 @@ class SamplingParams:
         return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
-class Uses(enum.IntFlag):
-    """What a step's rows ask of the sampler (SamplingParams.uses)."""
+class Uses:
+    """What a step's rows ask of the sampler (SamplingParams.uses): bit flags as plain ints, which
+    the sampler tests a dozen times a step (an enum.IntFlag's `&` is a Python call, and builds a
+    new member each time)."""
 
-    BIAS = enum.auto()  # set by the rows that carry a bias, not by their params
-    REPETITION = enum.auto()
-    COUNTS = enum.auto()
-    GREEDY = enum.auto()
-    SAMPLED = enum.auto()
-    TEMPERATURE = enum.auto()
-    TINY_TEMPERATURE = enum.auto()  # below 0.01: logits / temperature can overflow
-    TYPICAL_P = enum.auto()
-    TOP_K = enum.auto()
-    TOP_P = enum.auto()
-    MIN_P = enum.auto()
+    BIAS = 1 << 0  # set by the rows that carry a bias, not by their params
+    REPETITION = 1 << 1
+    COUNTS = 1 << 2
+    GREEDY = 1 << 3
+    SAMPLED = 1 << 4
+    TEMPERATURE = 1 << 5
+    TINY_TEMPERATURE = 1 << 6  # below 0.01: logits / temperature can overflow
+    TYPICAL_P = 1 << 7
+    TOP_K = 1 << 8
+    TOP_P = 1 << 9
+    MIN_P = 1 << 10
 
 
 def new_seed(seed: int | None) -> int:
@@ -214,24 +215,29 @@ def kept_threshold(sorted_logits: torch.Tensor, top_k: torch.Tensor | None, top_
 
 
 def apply_filters(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
-                  log_min_p: torch.Tensor | None, largest: int | None = None) -> torch.Tensor:
+                  log_min_p: torch.Tensor | None, largest: int | None = None,
+                  shared_k: bool = False) -> torch.Tensor:
     """-inf for the characters that top-k, top-p and min-p (as kept_threshold takes them) drop from
     each row of logits (R, V): a threshold per row, applied in vocabulary order as unfiltered rows
     are drawn, so that a row's draw does not depend on what the other rows of its batch ask for.
     With top-k alone, `largest` (the largest k) lets a partial sort do: topk costs a third of a
-    whole sort here."""
-    sorted_logits = (torch.topk(logits, largest, dim=-1) if largest is not None
-                     else torch.sort(logits, dim=-1, descending=True)).values
-    threshold = kept_threshold(sorted_logits, top_k, top_p, log_min_p)
+    whole sort here. When every row's k is `largest` (`shared_k`), the threshold is that k-th
+    largest logit itself, which kthvalue's selection finds in two thirds of topk's time."""
+    if shared_k and largest is not None:
+        threshold = torch.kthvalue(logits, logits.size(-1) + 1 - largest, dim=-1, keepdim=True).values
+    else:
+        sorted_logits = (torch.topk(logits, largest, dim=-1) if largest is not None
+                         else torch.sort(logits, dim=-1, descending=True)).values
+        threshold = kept_threshold(sorted_logits, top_k, top_p, log_min_p)
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
 def draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One index per row (R,), index i with probability softmax(logits)[i]: the first entry whose
-    cumulative sum (in float64) reaches u (R,) of the row's total. Since u < 1, that level is at
-    most the total, so there always is one; an entry of probability 0 (-inf) adds nothing to the
+    cumulative sum (summed in float64) reaches u (R,) of the row's total. Since u < 1, that level is
+    at most the total, so there always is one; an entry of probability 0 (-inf) adds nothing to the
     sum, so it is never the first to reach a level above 0."""
-    cumulative = torch.softmax(logits, dim=-1, dtype=torch.float64).cumsum_(dim=-1)
+    cumulative = torch.softmax(logits, dim=-1).cumsum(dim=-1, dtype=torch.float64)
     return torch.searchsorted(cumulative, u[:, None] * cumulative[:, -1:])[:, 0]
 
 
@@ -291,7 +297,7 @@ class BatchSettings:
         params = [row.params for row in rows]
         # The rows each penalty applies to, as lists (to stack their histories) and as index tensors.
         self.biased = [i for i, row in enumerate(rows) if row.bias is not None]
-        self.uses = Uses(reduce(or_, (p.uses for p in params), Uses.BIAS if self.biased else 0))
+        self.uses = reduce(or_, (p.uses for p in params), Uses.BIAS if self.biased else 0)
         self.penalized = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         self.repetition_penalty = _column([params[i].repetition_penalty for i in self.penalized], device)
         self.counted = [i for i, p in enumerate(params) if p.counts_generated]
@@ -309,11 +315,13 @@ class BatchSettings:
         self.noise_positions: list[int] = []  # the sampled rows' positions at the noise table's first column
         self.noise_table = torch.empty(0)
         self.top_k = self.largest = None  # top-k's k-th place (0-based) per row; the largest k, for topk
+        self.shared_k = False  # every sampled row keeps the same k
         if self.uses & Uses.TOP_K:
             last_kept = [min(p.top_k or vocab_size, vocab_size) - 1 for p in sampled]
             self.top_k = long_tensor(last_kept, device)[:, None]
             if not self.uses & (Uses.TOP_P | Uses.MIN_P) and max(last_kept) + 1 < vocab_size:
                 self.largest = max(last_kept) + 1
+                self.shared_k = min(last_kept) == max(last_kept)
         if not self.uses & Uses.TOP_P:
             self.top_p = None
         if not self.uses & Uses.MIN_P:
@@ -325,7 +333,7 @@ class BatchSettings:
         last = cls._last
         shape = (device, vocab_size, len(rows))
         if (last is not None and (last.device, last.vocab_size, len(last.rows)) == shape
-                and all(a is b for a, b in zip(last.rows, rows, strict=True))):
+                and all(map(is_, last.rows, rows))):
             return last
         cls._last = batch = cls(rows, device, vocab_size)
         return batch
@@ -381,7 +389,7 @@ def sample_rows(logits: torch.Tensor, rows: SequenceOf[RowState], top_n: int = 0
         if uses & Uses.TYPICAL_P:
             y = y.masked_fill(typical_mask(y, batch.typical_p), float("-inf"))
         if uses & (Uses.TOP_K | Uses.TOP_P | Uses.MIN_P):
-            y = apply_filters(y, batch.top_k, batch.top_p, batch.log_min_p, batch.largest)
+            y = apply_filters(y, batch.top_k, batch.top_p, batch.log_min_p, batch.largest, batch.shared_k)
         picked = draw(y, u)
         tokens = picked if index is None else tokens.index_copy(0, index, picked)
 

@@ -103,6 +103,13 @@ def test_top_k_keeps_the_k_largest_per_row():
     assert torch.equal(partial, apply_filters(logits, top_k, None, None))
     top_2 = apply_filters(logits, column(1, 1, dtype=torch.long), None, None, largest=2)
     assert torch.equal(top_2.isfinite(), logits >= 4)
+    # Every row keeping the same k (kthvalue's selection) gives what a whole sort gives, ties included.
+    torch.manual_seed(0)
+    logits = torch.randn(50, 65).mul(2).round()  # many ties
+    for k in (1, 2, 7, 40, 64):
+        same_k = torch.full((50, 1), k - 1)
+        assert torch.equal(apply_filters(logits, same_k, None, None, largest=k, shared_k=True),
+                           apply_filters(logits, same_k, None, None))
 
 
 def test_top_k_keeps_characters_tied_with_the_kth():
