@@ -28,7 +28,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -74,7 +73,8 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), most likely first
 
 
-@dataclass  # not frozen: one is built per row per step, and a frozen one's __init__ costs 2.5x as much
+# Not frozen: one is built per row per step, and a frozen one's __init__ costs 2.5x as much.
+@dataclass(slots=True)
 class TextChunk:
     """What one decode step gave a request: the text it released (usually one character; several
     when characters held back as a possible stop string turn out not to be one; empty while held
@@ -182,7 +182,7 @@ class EngineLike(Protocol):
 
 # --- The engine ---------------------------------------------------------------------------------
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Work:
     """One request inside the engine."""
 
@@ -383,6 +383,7 @@ class Engine(Admission):
 
     # -- The scheduler thread --
 
+    @torch.inference_mode()  # for good: gpt.generate.step_tokens would enter it at every step
     def _run(self) -> None:
         try:
             if self.warmup:
@@ -526,7 +527,7 @@ class Engine(Admission):
             top = tuple(sampled.top[i][:seq.logprobs]) if seq.logprobs else ()
             work.emit(TextChunk(text, now, TokenLogprob(token, logprob, top)))
         elif text:
-            work.emit(TextChunk(text, now))
+            work.outbox.append(TextChunk(text, now))  # emit() without its check: a chunk ends nothing
         if seq.finish_reason:
             work.emit(self._finished(work))
 
@@ -547,12 +548,18 @@ class Engine(Admission):
         )
 
     def _settle(self, works: list[_Work]) -> None:
-        """Free the rows of requests that ended, then hand every request its new events."""
-        works = list(works)
+        """Free the rows of requests that ended, then hand every request its events of this
+        iteration, all in one call of `on_events`."""
+        deliveries, ended = [], []
         for work in works:
-            if work.ended:  # its row is free before its client hears that it ended
-                self._release(work)
-        self._deliver(works)
+            if work.outbox:
+                deliveries.append((work.handle, work.outbox))
+                work.outbox = []
+            if work.ended:
+                ended.append(work)
+        for work in ended:  # its row is free before its client hears that it ended
+            self._release(work)
+        self.on_events(deliveries)
 
     def _release(self, work: _Work) -> None:
         """Give back an ended or cancelled request's row and its place in flight (once)."""
@@ -576,15 +583,6 @@ class Engine(Admission):
         for work in everyone:
             work.emit(failure)
         self._settle(everyone)
-
-    def _deliver(self, works: SequenceOf[_Work]) -> None:
-        """Hand every request its events of this iteration, all in one call of `on_events`."""
-        deliveries = []
-        for work in works:
-            if work.outbox:
-                deliveries.append((work.handle, work.outbox))
-                work.outbox = []
-        self.on_events(deliveries)
 
     def _warm_up(self) -> None:
         """Run the largest shapes the engine will see before serving: a prefill of a whole context
