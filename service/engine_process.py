@@ -397,15 +397,20 @@ class EngineProcess(Admission):
         to_event_loops(deliveries)
 
 
-def pack_events(events: list[Event]) -> list[Event | tuple[str, float]]:
+def pack_events(events: list[Event]) -> tuple[str, float] | list[Event | tuple[str, float]]:
     """A request's events for the pipe. A chunk of plain text (nearly every event) goes as a tuple
     (text, time): pickling a dataclass costs five times as much, once per row per step in the engine
-    process, and a step's rows share one time object, which pickle writes once."""
+    process, and a step's rows share one time object, which pickle writes once. A delivery of that
+    one chunk alone (nearly every delivery) is the tuple itself, not a list of it."""
+    if len(events) == 1 and type(event := events[0]) is TextChunk and event.token is None:
+        return (event.text, event.time)
     return [(event.text, event.time) if type(event) is TextChunk and event.token is None else event
             for event in events]
 
 
-def unpack_events(packed: list[Event | tuple[str, float]]) -> list[Event]:
+def unpack_events(packed: tuple[str, float] | list[Event | tuple[str, float]]) -> list[Event]:
+    if type(packed) is tuple:
+        return [TextChunk(*packed)]
     return [TextChunk(*event) if type(event) is tuple else event for event in packed]
 
 

@@ -243,16 +243,18 @@ def test_the_outbox_writes_in_order_packed_and_everything_by_close():
     finished = Finished("length", 2, 7, 3, False, 3, 0.0, 0.1, 0.2)
     outbox.send(("loaded", {"context": 64}))
     for step in range(50):
-        outbox.send(("events", [(step, [plain, scored]), (step + 1000, [finished])], (0, 2)))
+        outbox.send(("events", [(step, [plain, scored]), (step + 1000, [finished]), (step + 2000, [plain])],
+                     (0, 2)))
     outbox.close()
     assert not outbox.alive
     assert reader.recv() == ("loaded", {"context": 64})
     for step in range(50):
         kind, items, state = reader.recv()
         assert (kind, state) == ("events", (0, 2))
-        assert [request_id for request_id, _ in items] == [step, step + 1000]
+        assert [request_id for request_id, _ in items] == [step, step + 1000, step + 2000]
         assert items[0][1] == [("a", 1.5), scored]  # a plain chunk crosses as a tuple
-        assert [unpack_events(packed) for _, packed in items] == [[plain, scored], [finished]]
+        assert items[2][1] == ("a", 1.5)  # and a delivery of that chunk alone as the tuple itself
+        assert [unpack_events(packed) for _, packed in items] == [[plain, scored], [finished], [plain]]
     assert not reader.poll()
 
 
