@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -253,6 +254,9 @@ class Admission:
             raise EngineUnavailable("restarting" if self._restarting else "loading")
 
 
+_row_of = attrgetter("row")
+
+
 class Engine(Admission):
     """The scheduler. By default it hands events to the asyncio loops that submitted the requests;
     `on_events`, when given, receives every iteration's deliveries instead (possibly none), on the
@@ -430,6 +434,8 @@ class Engine(Admission):
                 self._in_flight -= 1
                 message = f"no free row within {self.queue_timeout_s:g} s; try again later"
                 self.on_events([(work.handle, [Failed("queue_timeout", message)])])
+        if not self._waiting:
+            return []
         free = len(self._free_rows) + sum(1 for w in self._running if w.handle.cancelled)
         admitted = []
         while self._waiting and len(admitted) < free:
@@ -462,6 +468,9 @@ class Engine(Admission):
             self._running.append(work)
             starting.append(work)
         if starting:
+            # In row order, a decode step's logits come out in the order of its rows (step_tokens
+            # sorts rows so that attention views the cache): no reordering, step after step.
+            self._running.sort(key=_row_of)
             self._run_model(starting, "prefill")
 
     def _score_prompt(self, prompt_ids: list[int], top_n: int) -> tuple[TokenLogprob | None, ...]:
