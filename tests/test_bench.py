@@ -117,13 +117,15 @@ def test_serving_client_check_quick(tmp_path: Path, capsys, tiny_checkpoint: Pat
 
 def test_engine_quick(tmp_path: Path, capsys, tiny_checkpoint: Path):
     bench_engine.main(["--quick", "--checkpoint", str(tiny_checkpoint), "--thread-counts", THREADS,
-                       "--rows", "1", "2", "--steps", "4", "--repeats", "1", "--docs", str(tmp_path)])
+                       "--rows", "1", "2", "--steps", "4", "--repeats", "1",
+                       "--sampling", "sampled", "greedy", "mixed", "--docs", str(tmp_path)])
     out = capsys.readouterr().out
     check_output(out, tmp_path, "engine-tiny", "model step us", "whole step us", "engine iteration us",
                  "outside the model, whole step us/row", "outside the model, engine us/row", "| sampled ",
-                 "| greedy ", "target <= 10")
+                 "| greedy ", "| mixed ", "target <= 10")
+    assert "mixed = sampled with each row's top_k its own" in (tmp_path / "benchmarks.md").read_text()
     rows = [line for line in out.splitlines() if line.startswith(f"| {THREADS} ")]
-    assert len(rows) == 2 * 2 + 2  # (sampled, greedy) x (1, 2 rows), then the targets at 2 rows
+    assert len(rows) == 3 * 2 + 3  # (sampled, greedy, mixed) x (1, 2 rows), then the targets at 2 rows
 
 
 def test_load_client_counts_events_over_keep_alive_connections():
