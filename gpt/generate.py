@@ -237,15 +237,28 @@ class RowsDecoder(torch.nn.Module):
         return self.model.forward_rows(idx, self.cache, DecodeRows(rows, start, key_positions))[:, -1]
 
 
+class ManyRowsDecoder(RowsDecoder):
+    """RowsDecoder for steps of more than COMPILED_CPU_MAX_ROWS rows. A class of its own because dynamo
+    files graphs under the code object of `forward` and does not guard on inductor's configuration:
+    this graph, compiled for MKL's products, must not be taken for the GEMM template's, or the reverse."""
+
+    def forward(self, idx: torch.Tensor, rows: torch.Tensor, start: torch.Tensor,
+                key_positions: torch.Tensor) -> torch.Tensor:
+        return super().forward(idx, rows, start, key_positions)
+
+
 # Inductor's CPU GEMM template with the weights frozen into the graph and packed for it: on few rows
 # it streams a weight several times faster than MKL does (docs/benchmarks.md). Freezing is read
 # when a graph is compiled, which can happen at any call (a new row count), so every call sets it.
 CPU_GEMM_CONFIG = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
 
-# Past this many rows MKL's products beat that template, and the compiled CPU step hands the step to
-# the eager forward: the shipped model's 64-row step took 21-34 ms compiled against 19-20 ms eager,
-# where 32 rows took 11.5 ms against 13 ms and 16 rows 6.3-7.7 ms against 8.8-10.9 ms (one process).
-COMPILED_CPU_MAX_ROWS = 32
+# Past this many rows MKL's products beat that template, so a step of more rows runs a second graph
+# (ManyRowsDecoder) compiled without it: MKL's products, and inductor's fused attention, norms and
+# GELU around them. Shipped model, 1 thread, rows at position 60, alternating in one process, ms a step
+# (template / MKL graph / eager): 16 rows 6.7 / 7.3 / 9.2, 32 rows 12.2 / 10.2 / 12.9, 64 rows
+# 22.1 / 16.8 / 22.1, 128 rows 49.9 / 35.1 / 44.8.
+COMPILED_CPU_MAX_ROWS = 24
+MANY_ROWS_CONFIG = {"freezing": False, "max_autotune": False}
 
 
 def compile_decode(model: GPT, cache: KVCache, **compile_options: Any) -> None:
@@ -265,23 +278,28 @@ def compile_static_decode(model: GPT, cache: KVCache, **compile_options: Any) ->
 
 
 def compile_rows_decode(model: GPT, cache: KVCache, **compile_options: Any) -> None:
-    """A step over the decoding rows alone, one graph for any number of rows up to
-    COMPILED_CPU_MAX_ROWS (more go through the eager forward) and any lengths, and one for a single
-    row, which torch.compile specialises. With inductor, the weights are frozen into
-    the graph and copied once more, packed for CPU_GEMM_CONFIG's kernels. The graphs of every such
-    step in a process count towards one limit (torch._dynamo.config.recompile_limit, 8): four
-    caches' worth."""
+    """A step over the decoding rows alone, in three graphs: one for a single row (torch.compile
+    specialises it) and one for any other number up to COMPILED_CPU_MAX_ROWS, both with the weights
+    frozen into the graph and copied once more, packed for CPU_GEMM_CONFIG's kernels; and one for more
+    rows, on the model's own weights. Each serves any lengths. The graphs of every such step in a
+    process count towards one limit (torch._dynamo.config.recompile_limit, 8): caches compiled
+    in one process share it."""
     device = cache.k[0].device
-    compiled = torch.compile(RowsDecoder(model, cache), fullgraph=True, dynamic=True, **compile_options)
+    for buffer in cache.k + cache.v:
+        # Fixed sizes: otherwise dynamo would take a step whose row count or length equals the cache's
+        # (the warm-up's) for one where they are the same symbol, and compile every other step anew.
+        torch._dynamo.mark_static(buffer)
+    few = torch.compile(RowsDecoder(model, cache), fullgraph=True, dynamic=True, **compile_options)
+    many = torch.compile(ManyRowsDecoder(model, cache), fullgraph=True, dynamic=True, **compile_options)
 
     def step(rows: list[int], tokens: list[int]) -> torch.Tensor:
-        if len(rows) > COMPILED_CPU_MAX_ROWS:
-            return eager_decode(model, cache, rows, tokens)
         start = [cache.lengths[r] for r in rows]
         cache.check_position(max(start))  # the eager path's error, before the graph runs
-        with torch._inductor.config.patch(CPU_GEMM_CONFIG):
-            return compiled(long_tensor(tokens, device)[:, None], long_tensor(rows, device),
-                            long_tensor(start, device), torch.arange(max(start) + 1, device=device))
+        few_rows = len(rows) <= COMPILED_CPU_MAX_ROWS
+        graph, config = (few, CPU_GEMM_CONFIG) if few_rows else (many, MANY_ROWS_CONFIG)
+        with torch._inductor.config.patch(config):
+            return graph(long_tensor(tokens, device)[:, None], long_tensor(rows, device),
+                         long_tensor(start, device), torch.arange(max(start) + 1, device=device))
 
     cache.compiled_step = step
 

@@ -170,15 +170,18 @@ class DecodeRows:
         """CacheRows.attend for one query per row, q, k, v (R, n_head, 1, head_dim)."""
         k_cache[self.rows, :, self.start] = k[:, :, 0]  # (R, n_head, head_dim) at (row, position)
         v_cache[self.rows, :, self.start] = v[:, :, 0]
-        length = self.key_positions.size(0)
-        keys = k_cache[self.rows, :, :length]  # (R, n_head, L, head_dim)
-        values = v_cache[self.rows, :, :length]
+        # Gathered by index, not sliced: a slice of the cache to a traced length would guard the graph
+        # on that length being short of the whole cache, and the last position would compile anew.
+        rows_by_position = self.rows[:, None], slice(None), self.key_positions[None, :]
+        keys = k_cache[rows_by_position]  # (R, L, n_head, head_dim)
+        values = v_cache[rows_by_position]
         # Written out rather than F.scaled_dot_product_attention: inductor then fuses the gather of
         # the rows' keys and values into the products instead of copying them out first.
-        scores = (q * keys).sum(-1) * q.size(-1) ** -0.5  # (R, n_head, L)
+        scores = (q.transpose(1, 2) * keys).sum(-1) * q.size(-1) ** -0.5  # (R, L, n_head)
         visible = self.key_positions[None, :] <= self.start[:, None]  # (R, L)
-        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
-        return (scores.softmax(-1)[..., None] * values).sum(-2, keepdim=True)  # (R, n_head, 1, head_dim)
+        scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
+        weighted = (scores.softmax(1)[..., None] * values).sum(1)  # (R, n_head, head_dim)
+        return weighted[:, :, None]  # (R, n_head, 1, head_dim)
 
 
 # Decoding feeds each projection a handful of rows (one per running sequence), where CPU BLAS is at
@@ -201,7 +204,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if (rows > FEW_ROWS or x.device.type != "cpu" or torch.compiler.is_compiling()
+        # Compiling first: a traced comparison of `rows` would guard the graph on the row count.
+        if (torch.compiler.is_compiling() or rows > FEW_ROWS or x.device.type != "cpu"
                 or (torch.is_grad_enabled() and self.weight.requires_grad)
                 or self.weight.numel() * self.weight.element_size() < STREAMED_BYTES):
             return super().forward(x)

@@ -597,7 +597,7 @@ class Engine(Admission):
         """Run the largest shapes the engine will see before serving: a prefill of a whole context
         (row 0), then one decode step over every row that attends over the whole context length;
         then decode steps of one row and of two, which a compiled step on the CPU has graphs of
-        their own for (one row; any number of rows up to its eager threshold)."""
+        their own for (one row; a few rows; many rows, which the step over every row compiles)."""
         started = time.perf_counter()
         context = self.model.config.block_size
         greedy = SamplingParams(temperature=0.0)
