@@ -249,7 +249,7 @@ class ManyRowsDecoder(RowsDecoder):
 
 # Inductor's CPU GEMM template with the weights frozen into the graph and packed for it: on few rows
 # it streams a weight several times faster than MKL does (docs/benchmarks.md). Freezing is read
-# when a graph is compiled, which can happen at any call (a new row count), so every call sets it.
+# when a graph is compiled, which happens at the call that first needs it, so every call sets it.
 CPU_GEMM_CONFIG = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
 
 # Past this many rows MKL's products beat that template, so a step of more rows runs a second graph
