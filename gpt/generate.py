@@ -252,12 +252,14 @@ class ManyRowsDecoder(RowsDecoder):
 # when a graph is compiled, which happens at the call that first needs it, so every call sets it.
 CPU_GEMM_CONFIG = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
 
-# Past this many rows MKL's products beat that template, so a step of more rows runs a second graph
-# (ManyRowsDecoder) compiled without it: MKL's products, and inductor's fused attention, norms and
-# GELU around them. Shipped model, 1 thread, rows at position 60, alternating in one process, ms a step
-# (template / MKL graph / eager): 16 rows 6.7 / 7.3 / 9.2, 32 rows 12.2 / 10.2 / 12.9, 64 rows
-# 22.1 / 16.8 / 22.1, 128 rows 49.9 / 35.1 / 44.8.
-COMPILED_CPU_MAX_ROWS = 24
+# Past this many rows (by the cache's dtype) the CPU library's products beat that template, so a step
+# of more rows runs a second graph (ManyRowsDecoder) compiled without it: MKL's (float32) or oneDNN's
+# (bfloat16) products, and inductor's fused attention, norms and GELU around them. Shipped model, 1
+# thread, rows at position 60, alternating in one process, ms a step (template / library graph /
+# eager). float32: 16 rows 6.7 / 7.3 / 9.2, 32 rows 12.2 / 10.2 / 12.9, 64 rows 22.1 / 16.8 / 22.1,
+# 128 rows 49.9 / 35.1 / 44.8. bfloat16, whose products oneDNN runs on the CPU's bfloat16 dot products
+# (AVX512-BF16) at many rows: 12 rows 4.5 / 4.75 / 6.3, 16 rows 6.3 / 5.1 / 7.0, 24 rows 8.9 / 6.0 / 8.2.
+COMPILED_CPU_MAX_ROWS = {torch.float32: 24, torch.bfloat16: 12}
 MANY_ROWS_CONFIG = {"freezing": False, "max_autotune": False}
 
 
@@ -279,12 +281,13 @@ def compile_static_decode(model: GPT, cache: KVCache, **compile_options: Any) ->
 
 def compile_rows_decode(model: GPT, cache: KVCache, **compile_options: Any) -> None:
     """A step over the decoding rows alone, in three graphs: one for a single row (torch.compile
-    specialises it) and one for any other number up to COMPILED_CPU_MAX_ROWS, both with the weights
-    frozen into the graph and copied once more, packed for CPU_GEMM_CONFIG's kernels; and one for more
-    rows, on the model's own weights. Each serves any lengths. The graphs of every such step in a
-    process count towards one limit (torch._dynamo.config.recompile_limit, 8): caches compiled
-    in one process share it."""
-    device = cache.k[0].device
+    specialises it) and one for any other number up to COMPILED_CPU_MAX_ROWS[the cache's dtype], both
+    with the weights frozen into the graph and copied once more, packed for CPU_GEMM_CONFIG's kernels;
+    and one for more rows, on the model's own weights. Each serves any lengths. The graphs of every
+    such step in a process count towards one limit (torch._dynamo.config.recompile_limit, 8): caches
+    compiled in one process share it."""
+    device, dtype = cache.k[0].device, cache.k[0].dtype
+    max_few_rows = COMPILED_CPU_MAX_ROWS.get(dtype, COMPILED_CPU_MAX_ROWS[torch.float32])
     for buffer in cache.k + cache.v:
         # Fixed sizes: otherwise dynamo would take a step whose row count or length equals the cache's
         # (the warm-up's) for one where they are the same symbol, and compile every other step anew.
@@ -295,7 +298,7 @@ def compile_rows_decode(model: GPT, cache: KVCache, **compile_options: Any) -> N
     def step(rows: list[int], tokens: list[int]) -> torch.Tensor:
         start = [cache.lengths[r] for r in rows]
         cache.check_position(max(start))  # the eager path's error, before the graph runs
-        few_rows = len(rows) <= COMPILED_CPU_MAX_ROWS
+        few_rows = len(rows) <= max_few_rows
         graph, config = (few, CPU_GEMM_CONFIG) if few_rows else (many, MANY_ROWS_CONFIG)
         with torch._inductor.config.patch(config):
             return graph(long_tensor(tokens, device)[:, None], long_tensor(rows, device),

@@ -150,13 +150,13 @@ def test_static_decoder_matches_the_dynamic_path(tiny_model, tokenizer):
 def test_compiled_cpu_decode_matches_the_dynamic_path(tiny_model, tokenizer, monkeypatch):
     """compile_decode on the CPU: inductor's graphs of the step give the eager path's logits for rows
     at different positions and for one row, and the same text as rows join, leave and slide their
-    window: the graph of one row, that of up to COMPILED_CPU_MAX_ROWS (here 2) rows with the weights
-    frozen and packed, and that of more rows (the steps of 3), on MKL's products. Those three graphs
+    window: the graph of one row, that of up to COMPILED_CPU_MAX_ROWS (float32's, here 2) rows with the
+    weights frozen and packed, and that of more rows (the steps of 3), on MKL's products. Those three graphs
     serve every step, the ones that attend over the whole cache included."""
     from torch._dynamo.utils import counters
 
     from gpt.generate import compile_decode
-    monkeypatch.setattr(sys.modules["gpt.generate"], "COMPILED_CPU_MAX_ROWS", 2)
+    monkeypatch.setitem(sys.modules["gpt.generate"].COMPILED_CPU_MAX_ROWS, torch.float32, 2)
     graphs_before = counters["stats"]["unique_graphs"]
     prompts = [tokenizer.encode(p) for p in ("Et tu, Brute?", "CASSIUS.", "Beware the ides of March")]
     caches = {name: KVCache(tiny_model.config, max_batch=4) for name in ("eager", "compiled")}
@@ -186,6 +186,37 @@ def test_compiled_cpu_decode_matches_the_dynamic_path(tiny_model, tokenizer, mon
     assert texts["compiled"] == texts["eager"]
     assert [len(ids) for ids in texts["eager"]] == [51, 81, 81]
     assert counters["stats"]["unique_graphs"] - graphs_before == 3
+
+
+def test_compiled_cpu_decode_in_bfloat16_matches_the_eager_step(tokenizer, monkeypatch):
+    """A bfloat16 model and cache take their own row boundary between the graphs (here 2, float32's
+    left at 24: the 3-row step runs the many-rows graph, on oneDNN's bfloat16 products, so three
+    graphs serve steps of 3, 2 and 1 rows), and each gives the eager bfloat16 step's logits to
+    bfloat16's precision."""
+    from torch._dynamo.utils import counters
+
+    from gpt.generate import compile_decode
+    from tests.conftest import tiny_config
+    monkeypatch.setitem(sys.modules["gpt.generate"].COMPILED_CPU_MAX_ROWS, torch.bfloat16, 2)
+    torch.manual_seed(1234)
+    model = GPT(tiny_config(tokenizer.vocab_size)).to(torch.bfloat16).eval()
+    graphs_before = counters["stats"]["unique_graphs"]
+    prompts = [tokenizer.encode(p) for p in ("Et tu, Brute?", "CASSIUS.", "Beware the ides of March")]
+    logits = {}
+    for name in ("eager", "compiled"):
+        cache = KVCache(model.config, max_batch=3, dtype=torch.bfloat16)
+        if name == "compiled":
+            compile_decode(model, cache)
+        for row, prompt in enumerate(prompts):
+            start(model, cache, Sequence(prompt, 10, GREEDY, tokenizer.decode, 65, 64), row)
+        with torch.inference_mode():
+            steps = ([0, 1, 2], [0, 2], [1])
+            logits[name] = [decode_step(model, cache, rows, [1] * len(rows)) for rows in steps]
+    assert counters["stats"]["unique_graphs"] - graphs_before == 3  # float32's boundary would give two
+    for eager, compiled in zip(logits["eager"], logits["compiled"], strict=True):
+        assert compiled.dtype == torch.bfloat16
+        # bfloat16's rounding moves these logits (std about 0.15) by up to 0.004 between the two.
+        torch.testing.assert_close(compiled.float(), eager.float(), atol=1e-2, rtol=1e-2)
 
 
 def test_the_compiled_cpu_step_refuses_a_position_past_the_cache(tiny_model):
