@@ -339,7 +339,7 @@ def hf_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) -> 
     repeats = args.repeats or (1 if args.quick else 3)
     levels = args.clients or [1, 64]
     one_stream_requests = args.requests or (2 if args.quick else 4)
-    loaded = load_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint, dtype=getattr(torch, args.dtype))
     hf = to_hf(loaded.model)
     config = loaded.model.config
     prompt = args.prompt if args.prompt is not None else HF_PROMPT
@@ -379,7 +379,8 @@ def hf_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) -> 
     ours: dict[int, list[Load]] = {}
     hf_rates: dict[tuple[str, int], list[float]] = {}
     curl_rates: list[float] = []
-    command = ours_command(checkpoint, port, args.threads, max_batch, compile=args.compile)
+    command = ours_command(checkpoint, port, args.threads, max_batch, "--dtype", args.dtype,
+                           compile=args.compile)
     with running_server(command, port) as base, ClientProcess() as client:
         warm = GenerationConfig(**{**generation.to_dict(), "max_new_tokens": 8})
         for streams in levels:  # warm-up: both at every level, a few characters
@@ -446,11 +447,12 @@ def hf_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) -> 
                    ("yes" if ratio >= target else "no") if target else "-")
 
     header = (f"`{command_line(argv)}`\n\nWeights: {which} ({config.n_layer} layers x {config.n_embd}, "
-              f"context {config.block_size}, {loaded.model.num_parameters():,} parameters). CPU float32; "
-              f"prompt {prompt!r}; {new_note}; temperature {HF_TEMPERATURE}, a seed per request. {repeats} "
-              f"rounds, ours and HF alternating (median over rounds); {machine_line()}.\n"
+              f"context {config.block_size}, {loaded.model.num_parameters():,} parameters). CPU "
+              f"{args.dtype}, both; prompt {prompt!r}; {new_note}; temperature {HF_TEMPERATURE}, a seed per "
+              f"request. {repeats} rounds, ours and HF alternating (median over rounds); {machine_line()}.\n"
               f"ours = `python -m service` (max batch {max_batch}, torch threads "
-              f"{args.threads or 'its default: CPUs - 1'}{', --compile' if args.compile else ''}), JSON POST "
+              f"{args.threads or 'its default: CPUs - 1'}{', --compile' if args.compile else ''}"
+              f"{f', --dtype {args.dtype}' if args.dtype != 'float32' else ''}), JSON POST "
               "/generate from bench/client.py in a "
               f"process of its own (a keep-alive connection per stream): at 1 stream {one_stream_requests} "
               "requests one after the other, at N streams N requests at once. HF = "
@@ -461,9 +463,12 @@ def hf_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) -> 
                  "per-request times summed." if curl_rates else "."))
     bars = {f"ours {streams}": ours_rate(streams) for streams in levels}
     bars.update({f"HF {streams}": best_hf(streams)[1] for streams in levels})
-    key, title = section(args, "serving-hf-compiled" if args.compile else "serving-hf",
-                         "Serving vs Hugging Face generate (CPU" + (", --compile)" if args.compile else ")"),
-                         checkpoint)
+    key, title = "serving-hf", "Serving vs Hugging Face generate (CPU"
+    if args.compile:
+        key, title = f"{key}-compiled", f"{title}, --compile"
+    if args.dtype != "float32":
+        key, title = f"{key}-{args.dtype}", f"{title}, --dtype {args.dtype}"
+    key, title = section(args, key, f"{title})", checkpoint)
     publish(args, key, title, header, [table, ratios],
             lambda png: plot_bars(png, "chars/s: ours (HTTP) vs HF generate", "characters / second", bars))
 
@@ -567,6 +572,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-curl", action="store_true", help="leave curl out (hf and client-check modes)")
     parser.add_argument("--compile", action="store_true",
                         help="start our server with --compile (its decode step compiled at warm-up)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="hf mode: the weights' dtype, ours (--dtype) and HF's alike (default float32)")
     parser.add_argument("--repeats", type=int, help="rounds over every level (default 3, --quick 1)")
     args = parser.parse_args(argv)
     checkpoint, which = resolve_checkpoint(args.checkpoint, args.preset)
