@@ -9,6 +9,8 @@ An empty prompt starts from token id 0 (a newline for every corpus here), which 
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as SequenceOf
 from functools import lru_cache
@@ -252,14 +254,19 @@ class ManyRowsDecoder(RowsDecoder):
 # when a graph is compiled, which happens at the call that first needs it, so every call sets it.
 CPU_GEMM_CONFIG = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
 
-# Past this many rows (by the cache's dtype) the CPU library's products beat that template, so a step
-# of more rows runs a second graph (ManyRowsDecoder) compiled without it: MKL's (float32) or oneDNN's
+# Past about this many rows (by the cache's dtype) the CPU library's products beat that template, so a
+# step of more rows runs a second graph (ManyRowsDecoder) compiled without it: MKL's (float32) or oneDNN's
 # (bfloat16) products, and inductor's fused attention, norms and GELU around them. Shipped model, 1
 # thread, rows at position 60, alternating in one process, ms a step (template / library graph /
 # eager). float32: 16 rows 6.7 / 7.3 / 9.2, 32 rows 12.2 / 10.2 / 12.9, 64 rows 22.1 / 16.8 / 22.1,
 # 128 rows 49.9 / 35.1 / 44.8. bfloat16, whose products oneDNN runs on the CPU's bfloat16 dot products
 # (AVX512-BF16) at many rows: 12 rows 4.5 / 4.75 / 6.3, 16 rows 6.3 / 5.1 / 7.0, 24 rows 8.9 / 6.0 / 8.2.
+# A CompiledRowsStep starts from these; the engine's warm-up measures the boundary on the CPU it runs
+# on (CompiledRowsStep.choose_boundary), as it moves with the weights' size: `caesar-small`, whose
+# weights sit in cache, keeps the template up to 24-32 rows in bfloat16.
 COMPILED_CPU_MAX_ROWS = {torch.float32: 24, torch.bfloat16: 12}
+# The row counts choose_boundary times both graphs at (2 and up: one row has a graph of its own).
+BOUNDARY_ROW_COUNTS = (2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 MANY_ROWS_CONFIG = {"freezing": False, "max_autotune": False}
 
 
@@ -280,31 +287,80 @@ def compile_static_decode(model: GPT, cache: KVCache, **compile_options: Any) ->
 
 
 def compile_rows_decode(model: GPT, cache: KVCache, **compile_options: Any) -> None:
-    """A step over the decoding rows alone, in three graphs: one for a single row (torch.compile
-    specialises it) and one for any other number up to COMPILED_CPU_MAX_ROWS[the cache's dtype], both
-    with the weights frozen into the graph and copied once more, packed for CPU_GEMM_CONFIG's kernels;
-    and one for more rows, on the model's own weights. Each serves any lengths. The graphs of every
-    such step in a process count towards one limit (torch._dynamo.config.recompile_limit, 8): caches
-    compiled in one process share it."""
-    device, dtype = cache.k[0].device, cache.k[0].dtype
-    max_few_rows = COMPILED_CPU_MAX_ROWS.get(dtype, COMPILED_CPU_MAX_ROWS[torch.float32])
-    for buffer in cache.k + cache.v:
-        # Fixed sizes: otherwise dynamo would take a step whose row count or length equals the cache's
-        # (the warm-up's) for one where they are the same symbol, and compile every other step anew.
-        torch._dynamo.mark_static(buffer)
-    few = torch.compile(RowsDecoder(model, cache), fullgraph=True, dynamic=True, **compile_options)
-    many = torch.compile(ManyRowsDecoder(model, cache), fullgraph=True, dynamic=True, **compile_options)
+    """Give `cache` a CompiledRowsStep: the step over the decoding rows alone, in inductor's graphs."""
+    cache.compiled_step = CompiledRowsStep(model, cache, **compile_options)
 
-    def step(rows: list[int], tokens: list[int]) -> torch.Tensor:
+
+class CompiledRowsStep:
+    """A step over the decoding rows alone, in three graphs: one for a single row (torch.compile
+    specialises it) and one for any other number up to `max_few_rows`, both with the weights frozen
+    into the graph and copied once more, packed for CPU_GEMM_CONFIG's kernels; and one for more rows,
+    on the model's own weights. Each serves any lengths. `max_few_rows` starts at
+    COMPILED_CPU_MAX_ROWS[the cache's dtype]; `choose_boundary` measures it instead. The graphs of
+    every such step in a process count towards one limit (torch._dynamo.config.recompile_limit, 8):
+    caches compiled in one process share it."""
+
+    def __init__(self, model: GPT, cache: KVCache, **compile_options: Any) -> None:
+        self.cache = cache
+        self.max_few_rows = COMPILED_CPU_MAX_ROWS.get(cache.k[0].dtype, COMPILED_CPU_MAX_ROWS[torch.float32])
+        for buffer in cache.k + cache.v:
+            # Fixed sizes: otherwise dynamo would take a step whose row count or length equals the
+            # cache's (the warm-up's) for one where they are the same symbol, and compile every other
+            # step anew.
+            torch._dynamo.mark_static(buffer)
+        self.few = torch.compile(RowsDecoder(model, cache), fullgraph=True, dynamic=True, **compile_options)
+        self.many = torch.compile(ManyRowsDecoder(model, cache), fullgraph=True, dynamic=True,
+                                  **compile_options)
+
+    def __call__(self, rows: list[int], tokens: list[int]) -> torch.Tensor:
+        return self.run(len(rows) <= self.max_few_rows, rows, tokens)
+
+    def run(self, few_rows: bool, rows: list[int], tokens: list[int]) -> torch.Tensor:
+        """The step on the few-rows graph or on the many-rows one; cache.lengths left as they are."""
+        cache, device = self.cache, self.cache.k[0].device
         start = [cache.lengths[r] for r in rows]
         cache.check_position(max(start))  # the eager path's error, before the graph runs
-        few_rows = len(rows) <= max_few_rows
-        graph, config = (few, CPU_GEMM_CONFIG) if few_rows else (many, MANY_ROWS_CONFIG)
+        graph, config = (self.few, CPU_GEMM_CONFIG) if few_rows else (self.many, MANY_ROWS_CONFIG)
         with torch._inductor.config.patch(config):
             return graph(long_tensor(tokens, device)[:, None], long_tensor(rows, device),
                          long_tensor(start, device), torch.arange(max(start) + 1, device=device))
 
-    cache.compiled_step = step
+    @torch.inference_mode()
+    def choose_boundary(self, max_rows: int, position: int, repeats: int = 5) -> int:
+        """Time both graphs at each of BOUNDARY_ROW_COUNTS up to `max_rows` rows (every row at
+        `position`, the two alternating, `repeats` times), set `max_few_rows` by `boundary_from_times`
+        and return it: where the template's packed products stop winning depends on the weights' size
+        and dtype and on the CPU. Writes keys at `position` in the first rows; leaves cache.lengths as
+        they were."""
+        lengths = list(self.cache.lengths)
+        times: dict[int, tuple[float, float]] = {}
+        try:
+            for count in (n for n in BOUNDARY_ROW_COUNTS if n <= max_rows):
+                rows, seconds = list(range(count)), {True: [], False: []}
+                for row in rows:
+                    self.cache.lengths[row] = position
+                for _ in range(repeats):
+                    for few_rows in (True, False):
+                        began = time.perf_counter()
+                        self.run(few_rows, rows, [0] * count)
+                        seconds[few_rows].append(time.perf_counter() - began)
+                times[count] = (statistics.median(seconds[True]), statistics.median(seconds[False]))
+        finally:
+            self.cache.lengths[:] = lengths
+        self.max_few_rows = boundary_from_times(times, self.max_few_rows)
+        return self.max_few_rows
+
+
+def boundary_from_times(times: dict[int, tuple[float, float]], default: int) -> int:
+    """The most rows the few-rows graph should take, from (few, many) seconds a step by row count:
+    just below the first count at which the many-rows graph is faster, the largest count timed if it
+    never is, `default` if nothing was timed."""
+    counts = sorted(times)
+    for before, count in zip([1, *counts], counts, strict=False):
+        few, many = times[count]
+        if many < few:
+            return before
+    return counts[-1] if counts else default
 
 
 def _decode_all_rows(static: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], cache: KVCache,

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import torch
 
 from gpt import CharTokenizer, KVCache, SamplingParams, Sequence, load_checkpoint
-from gpt.generate import advance, compile_decode, start_rows, step_tokens
+from gpt.generate import CompiledRowsStep, advance, compile_decode, start_rows, step_tokens
 from gpt.model import GPT
 from gpt.sampling import Sampled
 from gpt.scoring import score
@@ -597,7 +597,8 @@ class Engine(Admission):
         """Run the largest shapes the engine will see before serving: a prefill of a whole context
         (row 0), then one decode step over every row that attends over the whole context length;
         then decode steps of one row and of two, which a compiled step on the CPU has graphs of
-        their own for (one row; a few rows; many rows, which the step over every row compiles)."""
+        their own for (one row; a few rows; many rows, which the step over every row compiles); then,
+        with both of those graphs compiled, where the few-rows one should stop is measured."""
         started = time.perf_counter()
         context = self.model.config.block_size
         greedy = SamplingParams(temperature=0.0)
@@ -610,6 +611,12 @@ class Engine(Admission):
         advance(self.model, self.cache, seqs[1:3])
         for row in range(self.max_batch_size):
             self.cache.free(row)
+        step = self.cache.compiled_step
+        if isinstance(step, CompiledRowsStep) and self.max_batch_size > step.max_few_rows:
+            # Both graphs are compiled now (the step over every row ran the many-rows one): where one
+            # stops beating the other is measured on this CPU, for these weights.
+            boundary = step.choose_boundary(self.max_batch_size, position=context // 2)
+            logger.info("compiled step: the packed-GEMM graph takes up to %d rows", boundary)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         logger.info("warm-up at batch %d, context %d: %.2f s", self.max_batch_size, context,

@@ -9,6 +9,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import pytest
+import torch
 
 from gpt import GPT, CharTokenizer, SamplingParams, generate
 from service.engine import (
@@ -68,11 +69,19 @@ def test_same_seed_same_text_alone_and_in_a_full_batch(make_engine: MakeEngine, 
 
 
 def test_compiled_decode_on_the_cpu_writes_the_same_text(make_engine: MakeEngine, tiny_model: GPT,
-                                                         tokenizer: CharTokenizer) -> None:
-    """--compile on the CPU: the warm-up compiles the step (inductor, for any number of rows and for
-    one), then requests alone and together get the text of the uncompiled library path."""
-    engine = make_engine(compile=True, warm_up_s=600)
-    assert engine.cache.compiled_step is not None
+                                                         tokenizer: CharTokenizer,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """--compile on the CPU: the warm-up compiles the step (inductor: one row, a few rows, and here,
+    with the default boundary at 2 rows, the 4-row step's graph), measures where the few-rows graph
+    should stop, then requests alone and together get the text of the uncompiled library path."""
+    from gpt.generate import COMPILED_CPU_MAX_ROWS, CompiledRowsStep
+    monkeypatch.setitem(COMPILED_CPU_MAX_ROWS, torch.float32, 2)
+    with caplog.at_level("INFO", logger="service.engine"):
+        engine = make_engine(compile=True, warm_up_s=600)
+    step = engine.cache.compiled_step
+    assert isinstance(step, CompiledRowsStep) and step.max_few_rows in (1, 2, 4)
+    assert f"the packed-GEMM graph takes up to {step.max_few_rows} rows" in caplog.text
     requests = [request(tokenizer, "BRUTUS:", 50, temperature=0.9, top_k=30, seed=7),
                 request(tokenizer, "O" * 9, 70, temperature=0), request(tokenizer, "Rome", 30, seed=3)]
 

@@ -185,7 +185,21 @@ def test_compiled_cpu_decode_matches_the_dynamic_path(tiny_model, tokenizer, mon
         torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     assert texts["compiled"] == texts["eager"]
     assert [len(ids) for ids in texts["eager"]] == [51, 81, 81]
+    # Measuring the boundary runs both graphs at 2 and 4 rows: no new graph, and no length moves.
+    step = caches["compiled"].compiled_step
+    lengths = list(caches["compiled"].lengths)
+    assert step.choose_boundary(4, position=20) == step.max_few_rows in (1, 2, 4)
+    assert caches["compiled"].lengths == lengths
     assert counters["stats"]["unique_graphs"] - graphs_before == 3
+
+
+def test_the_boundary_sits_below_the_first_row_count_where_the_many_rows_graph_wins():
+    from gpt.generate import boundary_from_times
+    times = {2: (1.0, 2.0), 4: (2.0, 2.5), 8: (4.0, 3.0), 16: (8.0, 5.0)}  # (few, many) by rows
+    assert boundary_from_times(times, default=24) == 4
+    assert boundary_from_times({2: (1.0, 0.5), 4: (2.0, 1.0)}, default=24) == 1  # only one row: few
+    assert boundary_from_times({2: (1.0, 2.0), 32: (3.0, 4.0)}, default=24) == 32  # never: the largest
+    assert boundary_from_times({}, default=24) == 24
 
 
 def test_compiled_cpu_decode_in_bfloat16_matches_the_eager_step(tokenizer, monkeypatch):
