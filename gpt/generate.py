@@ -240,9 +240,10 @@ class RowsDecoder(torch.nn.Module):
 
 
 class ManyRowsDecoder(RowsDecoder):
-    """RowsDecoder for steps of more than COMPILED_CPU_MAX_ROWS rows. A class of its own because dynamo
-    files graphs under the code object of `forward` and does not guard on inductor's configuration:
-    this graph, compiled for MKL's products, must not be taken for the GEMM template's, or the reverse."""
+    """RowsDecoder for steps of more rows than CompiledRowsStep.max_few_rows. A class of its own
+    because dynamo files graphs under the code object of `forward` and does not guard on inductor's
+    configuration: this graph, compiled for the CPU library's products, must not be taken for the GEMM
+    template's, or the reverse."""
 
     def forward(self, idx: torch.Tensor, rows: torch.Tensor, start: torch.Tensor,
                 key_positions: torch.Tensor) -> torch.Tensor:
