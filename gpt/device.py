@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -24,3 +27,19 @@ def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+@contextmanager
+def one_cpu_thread() -> Iterator[None]:
+    """Run torch's CPU ops on one thread inside the block, then restore the thread count: for one-off
+    work (loading a model) on a thread that will not be the one that runs it. With OpenMP, a thread's
+    first parallel region gives it a team of workers for good; once two threads have teams, libgomp
+    counts more threads than cores and stops spinning between regions, so each region of the thread
+    that does run the model wakes its workers through the kernel. On this project's 2-CPU VM that
+    made the 64-row decode step 1.6x slower on 2 threads (bench/engine.py's notes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import torch
 
 from gpt import CharTokenizer, KVCache, SamplingParams, Sequence, load_checkpoint
+from gpt.device import one_cpu_thread
 from gpt.generate import CompiledRowsStep, advance, compile_decode, start_rows, step_tokens
 from gpt.model import GPT
 from gpt.sampling import Sampled
@@ -304,11 +305,12 @@ class Engine(Admission):
             torch.set_num_threads(settings.threads)
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
-        checkpoint = load_checkpoint(settings.checkpoint, device=device, dtype=dtype)
         options = {"max_batch_size": settings.max_batch_size, "max_queue": settings.max_queue,
                    "queue_timeout_s": settings.queue_timeout_s, "compile": settings.compile, **options}
-        return cls(checkpoint.model, checkpoint.tokenizer, checkpoint_config=checkpoint.config,
-                   checkpoint_path=Path(settings.checkpoint), **options)
+        with one_cpu_thread():  # this thread only loads; the scheduler thread runs the model
+            checkpoint = load_checkpoint(settings.checkpoint, device=device, dtype=dtype)
+            return cls(checkpoint.model, checkpoint.tokenizer, checkpoint_config=checkpoint.config,
+                       checkpoint_path=Path(settings.checkpoint), **options)
 
     # -- State, readable from any thread --
 

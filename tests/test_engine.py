@@ -5,7 +5,10 @@ and drain ends what cannot finish (faults: tests/test_engine_faults.py)."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +24,7 @@ from service.engine import (
     RequestHandle,
     TextChunk,
 )
-from tests.conftest import MakeEngine
+from tests.conftest import REPO, MakeEngine
 
 
 def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
@@ -177,3 +180,38 @@ def test_drain_lets_short_requests_finish_and_ends_the_rest(make_engine: MakeEng
     assert not engine.ready and engine.running_rows == 0 and engine.queue_size == 0
     # The KV cache is the one allocated at start: serving never reallocates it.
     assert [t.data_ptr() for t in engine.cache.k + engine.cache.v] == cache_buffers
+
+
+# Run in a fresh interpreter: an OpenMP team, once a thread has one, lasts as long as the process.
+LOADING_THREAD_SCRIPT = """
+import os, sys
+import torch
+from gpt import load_checkpoint
+from service.engine import Engine
+from service.settings import Settings
+
+def os_threads():
+    return len(os.listdir("/proc/self/task"))
+
+torch.set_num_threads(2)
+before = os_threads()
+engine = Engine.from_settings(Settings(checkpoint=sys.argv[1], threads=2, device="cpu"), warmup=False)
+after_engine = os_threads()
+load_checkpoint(sys.argv[1])  # the same load, unguarded: this thread's first parallel region
+print(before, after_engine, os_threads(), torch.get_num_threads())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc/self/task (Linux)")
+def test_loading_gives_the_loading_thread_no_openmp_team() -> None:
+    """The scheduler thread runs the model; a team of OpenMP workers on the thread that loaded it too
+    slows every parallel region of the scheduler's (gpt.device.one_cpu_thread says why). The shipped
+    checkpoint: the tiny model's tensors are too small for a parallel region."""
+    checkpoint = REPO / "checkpoints" / "caesar"
+    result = subprocess.run([sys.executable, "-c", LOADING_THREAD_SCRIPT, str(checkpoint)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    before, after_engine, after_unguarded_load, threads = map(int, result.stdout.split())
+    assert after_engine == before  # Engine.from_settings: no worker started for this thread
+    assert after_unguarded_load > before  # the probe sees a team when there is one
+    assert threads == 2  # the setting stands for the scheduler thread
