@@ -316,8 +316,7 @@ def naive_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) 
               "in a process of its own); ours, one process = the same with `--no-engine-process`, as before "
               "the split. Torch threads: "
               + (f"{args.threads} each. " if args.threads else
-                 "each server's default (naive and one process 2; ours CPUs - 1, one CPU left to its HTTP "
-                 "process). ")
+                 "each server's default (naive and one process 2; ours the CPUs). ")
               + "The client: bench/client.py in a process of its own (a keep-alive connection per stream, "
               "SSE events counted in the raw bytes); its CPU is its process CPU time over the wall time; the "
               "server's is that of its processes together."
@@ -451,7 +450,7 @@ def hf_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) -> 
               f"{args.dtype}, both; prompt {prompt!r}; {new_note}; temperature {HF_TEMPERATURE}, a seed per "
               f"request. {repeats} rounds, ours and HF alternating (median over rounds); {machine_line()}.\n"
               f"ours = `python -m service` (max batch {max_batch}, torch threads "
-              f"{args.threads or 'its default: CPUs - 1'}{', --compile' if args.compile else ''}"
+              f"{args.threads or 'its default: the CPUs'}{', --compile' if args.compile else ''}"
               f"{f', --dtype {args.dtype}' if args.dtype != 'float32' else ''}), JSON POST "
               "/generate from bench/client.py in a "
               f"process of its own (a keep-alive connection per stream): at 1 stream {one_stream_requests} "
@@ -533,7 +532,7 @@ def client_check_mode(args: Any, argv: list[str] | None, checkpoint: Path, which
                       sum(load.engine_cpu_s for load in ls) / chars * 1e6,
                       f"{rate / curl_rate:.2f}x" if curl_rate == curl_rate else "-")
     header = (f"`{command_line(argv)}`\n\nWeights: {which}. Our server (`python -m service`, torch threads "
-              f"{args.threads or 'CPUs - 1'}), greedy, {len(prompt)}-character prompt, {new} new characters "
+              f"{args.threads or 'the CPUs'}), greedy, {len(prompt)}-character prompt, {new} new characters "
               f"per request streamed (SSE, POST /generate_stream); at each level every client in turn, "
               f"{repeats} rounds; {machine_line()}.\n"
               "Client CPU: bench/client.py's and aiohttp's own process CPU time over the wall time (aiohttp "

@@ -129,8 +129,8 @@ class EngineProcess(Admission):
 
     def __init__(self, settings: Settings) -> None:
         config = read_config(settings.checkpoint)  # a missing or broken config fails here, at once
-        if settings.threads is None:  # as vLLM's CPU backend does: one core stays with the HTTP side
-            settings = settings.model_copy(update={"threads": max(1, usable_cpus() - 1)})
+        if settings.threads is None:  # every CPU: see "The engine's threads" in docs/benchmarks.md
+            settings = settings.model_copy(update={"threads": usable_cpus()})
         self.settings = settings
         self.tokenizer = CharTokenizer(config["vocab"])
         self.max_in_flight = settings.max_batch_size + settings.max_queue

@@ -29,8 +29,8 @@ class Settings(BaseSettings):
     compile: bool = Field(False, description="compile the decode step: CUDA graphs on CUDA, inductor's "
                           "packed GEMM kernels on the CPU (warm-up takes minutes for the seed model)")
     threads: int | None = Field(
-        None, ge=1, description="the engine's torch CPU threads (default: with --engine-process, one "
-        "less than the CPUs, leaving one to the HTTP server; else torch's choice)")
+        None, ge=1, description="the engine's torch CPU threads (default: with --engine-process, the "
+        "CPUs this process may use; else torch's choice)")
     engine_process: bool = Field(
         True, description="run the model in a process of its own, so that its Python work and the HTTP "
         "server's do not take turns holding one GIL")
