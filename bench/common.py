@@ -312,6 +312,21 @@ def process_cpu_s(pid: int) -> tuple[float, float]:
         return float("nan"), float("nan")
 
 
+def wait_until_idle(pid: int, interval_s: float = 0.5, timeout_s: float = 300.0) -> float:
+    """Wait until process `pid` and its children use under a tenth of a core over `interval_s`; the
+    seconds waited. A peer whose clients broke off may go on generating for them, and would take CPU
+    from the next load."""
+    start = time.monotonic()
+    before = sum(process_cpu_s(pid))
+    while time.monotonic() - start < timeout_s:
+        time.sleep(interval_s)
+        now = sum(process_cpu_s(pid))
+        if not now - before >= 0.1 * interval_s:  # idle, or gone (nan)
+            break
+        before = now
+    return time.monotonic() - start
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -70,6 +70,7 @@ from bench.common import (
     running_server,
     section,
     spread,
+    wait_until_idle,
 )
 
 ONE_PROCESS = "ours, one process"
@@ -266,6 +267,8 @@ def naive_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) 
                         # The naive peer has broken off streams under concurrent load; ours still count.
                         print(f"round {round_ + 1}/{repeats}: naive {clients:3d} clients failed: {error}")
                         naive_failures.append(f"{clients} clients, round {round_ + 1}: {error}")
+                        print(f"round {round_ + 1}/{repeats}: the naive peer went idle after "
+                              f"{wait_until_idle(base.pid):.1f} s", flush=True)
                         continue
                     rounds.setdefault((name, clients), []).append(load)
                     print(f"round {round_ + 1}/{repeats}: {name:17s} {clients:3d} clients: "
@@ -320,7 +323,8 @@ def naive_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) 
               + "The client: bench/client.py in a process of its own (a keep-alive connection per stream, "
               "SSE events counted in the raw bytes); its CPU is its process CPU time over the wall time; the "
               "server's is that of its processes together."
-              + ("\n\nThe naive peer broke off: " + "; ".join(naive_failures) if naive_failures else ""))
+              + ("\n\nThe naive peer broke off (after each break, the next load waited until it was idle): "
+                 + "; ".join(naive_failures) if naive_failures else ""))
     series = {f"{name} requests/s": (levels, [rate(name, c, "requests_per_s") for c in levels])
               for name in servers if all((name, c) in rounds for c in levels)}
     publish(args, "serving", "Serving vs the naive service (CPU)", header, [table, ratios],

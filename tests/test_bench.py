@@ -3,6 +3,8 @@ assertions: speed lives in the benchmarks themselves), and write their docs sect
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ pytest.importorskip("transformers")
 
 from bench import batching, client, decode, gpu, load, quantize, serving, training  # noqa: E402
 from bench import engine as bench_engine  # noqa: E402
-from bench.common import Table, write_section  # noqa: E402
+from bench.common import Table, wait_until_idle, write_section  # noqa: E402
 from bench.convert_hf import check_same_logits, to_hf  # noqa: E402
 
 THREADS = str(torch.get_num_threads())  # leave the suite's thread setting as it was
@@ -33,6 +35,21 @@ def test_hf_conversion_gives_our_logits(tiny_model, tokenizer):
         hf.transformer.h[0].attn.c_proj.weight.copy_(tiny_model.transformer.h[0].attn.c_proj.weight)
     with pytest.raises(AssertionError, match="differs"):
         check_same_logits(tiny_model, hf, ids, atol=1e-6)
+
+
+def test_wait_until_idle_waits_out_a_busy_peer():
+    """bench.serving waits for a peer that broke off its streams to stop generating for them."""
+    spin = "import time\nend = time.time() + 2\nwhile time.time() < end: pass"
+    busy = subprocess.Popen([sys.executable, "-c", spin])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert wait_until_idle(busy.pid, interval_s=0.25) >= 1.0
+        assert wait_until_idle(idle.pid, interval_s=0.25) < 1.0
+    finally:
+        busy.kill()
+        idle.kill()
+        busy.wait()
+        idle.wait()
 
 
 def test_write_section_replaces_in_place(tmp_path: Path):
