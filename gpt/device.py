@@ -36,7 +36,8 @@ def one_cpu_thread() -> Iterator[None]:
     first parallel region gives it a team of workers for good; once two threads have teams, libgomp
     counts more threads than cores and stops spinning between regions, so each region of the thread
     that does run the model wakes its workers through the kernel. On this project's 2-CPU VM that
-    made the 64-row decode step 1.6x slower on 2 threads (bench/engine.py's notes)."""
+    made the 64-row decode step 1.6x slower on 2 threads ("The engine's threads" in
+    docs/benchmarks.md)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
