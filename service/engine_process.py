@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -33,6 +34,7 @@ import signal
 import threading
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from gpt import CharTokenizer, CheckpointError, read_config
@@ -414,11 +416,21 @@ def unpack_events(packed: tuple[str, float] | list[Event | tuple[str, float]]) -
     return [TextChunk(*event) if type(event) is tuple else event for event in packed]
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>", or "max <period>"
+
+
 def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity, where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """The CPUs this process may run on: its affinity, where the OS has one, within a container's CPU
+    quota (`docker run --cpus 2`), rounded up. More torch threads than the quota would stall each
+    parallel region on a throttled thread."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 file here, or not in the format above
+        pass
+    return cpus
 
 
 class ForwardedHandle:

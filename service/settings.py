@@ -30,10 +30,10 @@ class Settings(BaseSettings):
                           "packed GEMM kernels on the CPU (warm-up takes minutes for the seed model)")
     threads: int | None = Field(
         None, ge=1, description="the engine's torch CPU threads (default: with --engine-process, the "
-        "CPUs this process may use; else torch's choice)")
+        "CPUs this process may use, within a container's CPU quota; else torch's choice)")
     engine_process: bool = Field(
-        True, description="run the model in a process of its own, so that its Python work and the HTTP "
-        "server's do not take turns holding one GIL")
+        True, description="run the model in a process of its own, which the server restarts if it dies "
+        "while the HTTP side keeps answering")
     engine_load_timeout_s: float = Field(
         600.0, gt=0, description="longest an engine process may take to load the checkpoint, and again to "
         "warm up; past it, the start fails (at startup, the server exits 1)")

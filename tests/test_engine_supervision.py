@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 from service.engine import Finished, TextChunk, TokenLogprob
-from service.engine_process import Outbox, unpack_events
+from service.engine_process import Outbox, unpack_events, usable_cpus
 from tests.server_utils import REPO, ServerProcess, free_port, metric_value, running_server
 
 LONG = 100_000  # new characters for requests that must still be running when the engine dies
@@ -264,3 +264,16 @@ def test_an_outbox_that_cannot_send_stops_so_the_engine_process_ends():
     outbox.send(("loaded", lambda: None))  # cannot be pickled
     outbox.thread.join(timeout=10)
     assert not outbox.alive and not reader.poll()
+
+
+@pytest.mark.parametrize(("cpu_max", "expected"),
+                         [("max 100000", None), ("50000 100000", 1), ("150000 100000", 2), ("garbled", None)])
+def test_the_engine_threads_default_stays_within_a_container_cpu_quota(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_max: str, expected: int | None) -> None:
+    """The engine takes every usable CPU by default: a quota (`docker run --cpus`) caps them, rounded up."""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    monkeypatch.setattr("service.engine_process.CGROUP_CPU_MAX", tmp_path / "absent")
+    assert usable_cpus() == affinity
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    monkeypatch.setattr("service.engine_process.CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    assert usable_cpus() == (affinity if expected is None else min(expected, affinity))
