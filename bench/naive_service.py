@@ -5,7 +5,9 @@
 
 It is given every fair advantage: the same weights (converted from our checkpoint), the same
 threads, and it streams each character as HF's streamer hands it over (TGI's SSE framing, so the
-same client measures both), so its time to first character is as good as that design allows.
+same client measures both), so its time to first character is as good as that design allows. Its
+model runs on one worker thread, and is loaded on one CPU thread (`gpt.device.one_cpu_thread` says
+why): the pool threads of `asyncio.to_thread` would each start a team of OpenMP workers.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import uvicorn
@@ -26,6 +28,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from bench.convert_hf import to_hf
 from gpt import load_checkpoint
+from gpt.device import one_cpu_thread
 
 
 class Parameters(BaseModel):
@@ -56,9 +59,10 @@ class QueueStreamer(BaseStreamer):
 
 
 def create_app(checkpoint: str) -> FastAPI:
-    loaded = load_checkpoint(checkpoint)
-    hf, tokenizer = to_hf(loaded.model), loaded.tokenizer
-    one_at_a_time = threading.Lock()
+    with one_cpu_thread():
+        loaded = load_checkpoint(checkpoint)
+        hf, tokenizer = to_hf(loaded.model), loaded.tokenizer
+    one_at_a_time = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-generate")
     app = FastAPI(title="naive HF generate service")
 
     @app.get("/ready")
@@ -69,7 +73,7 @@ def create_app(checkpoint: str) -> FastAPI:
         config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=params.temperature > 0,
                                   temperature=params.temperature or None, eos_token_id=None, pad_token_id=0)
         input_ids = torch.tensor([ids])
-        with one_at_a_time, torch.inference_mode():
+        with torch.inference_mode():
             hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
                         streamer=streamer)
 
@@ -77,8 +81,9 @@ def create_app(checkpoint: str) -> FastAPI:
     async def generate_stream(request: GenerateRequest) -> StreamingResponse:
         ids = tokenizer.encode(request.inputs)
         queue: asyncio.Queue[int | None] = asyncio.Queue()
-        streamer = QueueStreamer(asyncio.get_running_loop(), queue)
-        task = asyncio.create_task(asyncio.to_thread(run_generate, ids, request.parameters, streamer))
+        loop = asyncio.get_running_loop()
+        streamer = QueueStreamer(loop, queue)
+        task = loop.run_in_executor(one_at_a_time, run_generate, ids, request.parameters, streamer)
 
         async def events() -> AsyncIterator[str]:
             generated: list[str] = []
