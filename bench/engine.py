@@ -29,6 +29,10 @@ The model step is timed inside each whole step and each engine iteration (ModelC
 outside the model is each step's own difference, not that of two measurements a burst of load from
 elsewhere could tell apart. Every figure is a median over all the steps (or iterations) of all
 repeats; "outside the model" is the median of the step-by-step differences.
+
+The library's steps and each engine run get a thread of their own, which ends with them, and this
+process's main thread runs none of the model: with OpenMP, each thread that runs parallel work keeps
+a team of workers until it ends, and two teams on the same cores slow both (`gpt.device.one_cpu_thread`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, TypeVar
 
 from bench.common import (
     Table,
@@ -56,11 +60,32 @@ from bench.common import (
     spread,
 )
 from gpt import KVCache, SamplingParams, Sequence, advance, load_checkpoint
+from gpt.device import one_cpu_thread
 from gpt.generate import start_rows
 from gpt.model import GPT
 
 TARGET_US_PER_ROW = 10.0
 PROMPT = "BRUTUS.\n"
+T = TypeVar("T")
+
+
+def on_a_thread_of_its_own(work: Callable[[], T]) -> T:
+    """`work()` on a new thread, which ends with it (its OpenMP team too); its result or its exception."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, work()))
+        except BaseException as error:  # noqa: BLE001 - raised again on the calling thread
+            outcome.append((False, error))
+
+    thread = threading.Thread(target=run, name="bench-engine-work")
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 def sampling_params(kind: str, row: int) -> SamplingParams:
@@ -106,11 +131,15 @@ class Library:
 
     def __init__(self, model: GPT, decode: Callable[[list[int]], str], ids: list[int], max_rows: int) -> None:
         self.model, self.decode, self.ids = model, decode, ids
-        self.cache = KVCache(model.config, max_rows)
+        with one_cpu_thread():
+            self.cache = KVCache(model.config, max_rows)
 
     def steps(self, kind: str, rows: int, steps: int) -> tuple[list[float], list[float]]:
         """Seconds of the model step inside each of `steps` advance calls over `rows` rows prefilled
-        with the prompt, and of each whole call."""
+        with the prompt, and of each whole call (on a thread of their own)."""
+        return on_a_thread_of_its_own(lambda: self._steps(kind, rows, steps))
+
+    def _steps(self, kind: str, rows: int, steps: int) -> tuple[list[float], list[float]]:
         config = self.model.config
         seqs = [Sequence(self.ids, steps + 2, sampling_params(kind, r), self.decode, config.vocab_size,
                          config.block_size) for r in range(rows)]
@@ -131,10 +160,10 @@ class Library:
 class EngineIterations:
     """An in-process service.engine.Engine whose deliveries go down a pipe as the engine process
     sends them (through an Outbox; a child process reads them), each delivery stamped with the time
-    and the model time spent since the last one."""
+    and the model time spent since the last one. Each run of `iterations` has an engine of its own,
+    shut down at its end, so that its scheduler thread (and OpenMP team) ends with it."""
 
     def __init__(self, model: GPT, tokenizer: Any, ids: list[int], max_rows: int) -> None:
-        from service.engine import Engine
         from service.engine_process import Outbox
 
         # The far end of the pipe: a process that reads everything and keeps nothing.
@@ -142,13 +171,19 @@ class EngineIterations:
         self.reader = subprocess.Popen([sys.executable, "-c", drain], stdin=subprocess.PIPE)
         self.pipe = Connection(os.dup(self.reader.stdin.fileno()), readable=False)
         self.outbox = Outbox(self.pipe)
-        self.model, self.tokenizer, self.ids = model, tokenizer, ids
+        self.model, self.tokenizer, self.ids, self.max_rows = model, tokenizer, ids, max_rows
         self.clock = ModelClock()
         self.stamps: list[tuple[float, int, float]] = []  # (time, running rows, model s since the last)
         self.done = threading.Event()
         self.expect = 0
-        self.engine = Engine(model, tokenizer, max_batch_size=max_rows, max_queue=max_rows, warmup=False,
-                             on_events=self._sink)
+        self.engine: Any = None
+
+    def _start_engine(self) -> None:
+        from service.engine import Engine
+
+        with one_cpu_thread():  # its KV cache; this thread never runs the model
+            self.engine = Engine(self.model, self.tokenizer, max_batch_size=self.max_rows,
+                                 max_queue=self.max_rows, warmup=False, on_events=self._sink)
         self.engine.start()
         deadline = time.monotonic() + 120
         while not self.engine.ready:
@@ -172,12 +207,16 @@ class EngineIterations:
 
         self.stamps, self.expect = [], rows
         self.done.clear()
-        with self.clock:
-            for r in range(rows):
-                request = GenerationRequest(list(self.ids), steps + 2, sampling_params(kind, r))
-                self.engine.submit(request, ForwardedHandle(r))
-            if not self.done.wait(timeout=600):
-                raise TimeoutError("the engine did not finish")
+        self._start_engine()
+        try:
+            with self.clock:
+                for r in range(rows):
+                    request = GenerationRequest(list(self.ids), steps + 2, sampling_params(kind, r))
+                    self.engine.submit(request, ForwardedHandle(r))
+                if not self.done.wait(timeout=600):
+                    raise TimeoutError("the engine did not finish")
+        finally:
+            self.engine.shutdown()
         self.expect = 0
         stamps = self.stamps
         full = [i for i, (_, running, _) in enumerate(stamps) if running == rows]
@@ -190,7 +229,6 @@ class EngineIterations:
         return [iteration for iteration, _ in pairs], [model for _, model in pairs]
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
         self.outbox.close()
         self.pipe.close()
         self.reader.stdin.close()
@@ -230,8 +268,9 @@ def main(argv: list[str] | None = None) -> None:
     row_counts = args.rows or [1, 8, 32, 64]
     repeats = args.repeats or (2 if args.quick else 5)
 
-    checkpoint, which = resolve_checkpoint(args.checkpoint, args.preset)
-    loaded = load_checkpoint(checkpoint)
+    with one_cpu_thread():
+        checkpoint, which = resolve_checkpoint(args.checkpoint, args.preset)
+        loaded = load_checkpoint(checkpoint)
     model, tok = loaded.model.eval(), loaded.tokenizer
     ids = tok.encode(PROMPT)
     context = model.config.block_size
