@@ -33,10 +33,10 @@ def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
 def one_cpu_thread() -> Iterator[None]:
     """Run torch's CPU ops on one thread inside the block, then restore the thread count: for one-off
     work (loading a model) on a thread that will not be the one that runs it. With OpenMP, a thread's
-    first parallel region gives it a team of workers for good; once two threads have teams, libgomp
-    counts more threads than cores and stops spinning between regions, so each region of the thread
-    that does run the model wakes its workers through the kernel. On this project's 2-CPU VM that
-    made the 64-row decode step 1.6x slower on 2 threads ("The engine's threads" in
+    first parallel region gives it a team of workers until the thread ends; once two threads have
+    teams, libgomp counts more threads than cores and stops spinning between regions, so each region
+    of the thread that does run the model wakes its workers through the kernel. On this project's
+    2-CPU VM that made the 64-row decode step 1.6x slower on 2 threads ("The engine's threads" in
     docs/benchmarks.md)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -182,7 +182,7 @@ def test_drain_lets_short_requests_finish_and_ends_the_rest(make_engine: MakeEng
     assert [t.data_ptr() for t in engine.cache.k + engine.cache.v] == cache_buffers
 
 
-# Run in a fresh interpreter: an OpenMP team, once a thread has one, lasts as long as the process.
+# Run in a fresh interpreter: the main thread's OpenMP team, once it has one, lasts as long as the process.
 LOADING_THREAD_SCRIPT = """
 import os, sys
 import torch
