@@ -43,6 +43,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
@@ -71,21 +72,8 @@ T = TypeVar("T")
 
 def on_a_thread_of_its_own(work: Callable[[], T]) -> T:
     """`work()` on a new thread, which ends with it (its OpenMP team too); its result or its exception."""
-    outcome: list[Any] = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, work()))
-        except BaseException as error:  # noqa: BLE001 - raised again on the calling thread
-            outcome.append((False, error))
-
-    thread = threading.Thread(target=run, name="bench-engine-work")
-    thread.start()
-    thread.join()
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-engine-work") as pool:
+        return pool.submit(work).result()
 
 
 def sampling_params(kind: str, row: int) -> SamplingParams:

@@ -338,11 +338,12 @@ def hf_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) -> 
 
     from bench.convert_hf import to_hf
     from gpt import load_checkpoint
+    from gpt.device import DTYPES
 
     repeats = args.repeats or (1 if args.quick else 3)
     levels = args.clients or [1, 64]
     one_stream_requests = args.requests or (2 if args.quick else 4)
-    loaded = load_checkpoint(checkpoint, dtype=getattr(torch, args.dtype))
+    loaded = load_checkpoint(checkpoint, dtype=DTYPES[args.dtype])
     hf = to_hf(loaded.model)
     config = loaded.model.config
     prompt = args.prompt if args.prompt is not None else HF_PROMPT
