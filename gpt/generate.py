@@ -77,12 +77,13 @@ class Sequence:
     # cache lines, where an instance dict's lookups touch more (the model step has evicted them all).
     __slots__ = ("tokens", "prompt_length", "max_new_tokens", "min_tokens", "params", "decode", "token_texts",
                  "block_size", "keep", "window_start", "refill", "seed", "seen", "counts", "bias", "logprobs",
-                 "cumulative_logprob", "stop", "generated", "finish_reason", "row", "prompt_truncated",
-                 "__weakref__")
+                 "scored", "cumulative_logprob", "stop", "generated", "finish_reason", "row",
+                 "prompt_truncated", "__weakref__")
 
     def __init__(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
                  decode: Callable[[list[int]], str], vocab_size: int, block_size: int,
-                 stop: SequenceOf[str] = (), min_tokens: int = 0, logprobs: int | None = None) -> None:
+                 stop: SequenceOf[str] = (), min_tokens: int = 0, logprobs: int | None = None,
+                 ranked: bool = False) -> None:
         self.tokens = list(prompt_ids) or [0]
         self.prompt_length = len(prompt_ids)
         self.max_new_tokens = max_new_tokens
@@ -103,6 +104,9 @@ class Sequence:
         self.counts = torch.zeros(vocab_size) if params.counts_generated else None  # generated only
         self.bias = dense_bias(params.logit_bias, vocab_size)
         self.logprobs = logprobs  # None: no per-token report; n: the log-probability and n alternatives
+        # Whether the sampler reports this row's log-probabilities, and cumulative_logprob sums them:
+        # for a per-token report, or to rank the row among others (best_of).
+        self.scored = logprobs is not None or ranked
         self.cumulative_logprob = 0.0
         self.stop = StopMatcher(stop)
         self.generated = 0
@@ -140,7 +144,8 @@ class Sequence:
         if self.counts is not None:
             self.counts[token] += 1
         self.generated += 1
-        self.cumulative_logprob += logprob
+        if self.scored:
+            self.cumulative_logprob += logprob
         text, stopped = self.token_texts[token], False
         if self.stop.stop:  # without stop strings nothing is ever held back
             text, stopped = self.stop.push(text, self.generated >= self.min_tokens)

@@ -56,6 +56,7 @@ class GenerationRequest:
     min_tokens: int = 0  # stop strings do not end generation before this many tokens (vLLM's rule)
     logprobs: int | None = None  # report each generated token's log-probability and this many alternatives
     prompt_logprobs: int | None = None  # score the prompt: each character's log-probability and alternatives
+    ranked: bool = False  # ranked among samples by its log-probability (best_of): Finished.cumulative_logprob
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,9 @@ class Finished:
     queue_s: float
     time_to_first_token_s: float  # from submission to the first token sampled
     total_s: float
-    cumulative_logprob: float = 0.0  # sum of the sampled tokens' raw log-probabilities (best_of ranks by it)
+    # The sum of the sampled tokens' raw log-probabilities (best_of ranks by it), for a request that
+    # asked for logprobs or is ranked; 0.0 for any other (its step computes no log-probabilities).
+    cumulative_logprob: float = 0.0
     # When asked for: each prompt token's score given the ones before it (the first has none: None).
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
@@ -456,7 +459,7 @@ class Engine(Admission):
                 work.seq = Sequence(request.prompt_ids, request.max_new_tokens, request.params,
                                     self.tokenizer.decode, self.tokenizer.vocab_size,
                                     self.model.config.block_size, request.stop, request.min_tokens,
-                                    request.logprobs)
+                                    request.logprobs, request.ranked)
                 if request.prompt_logprobs is not None:
                     work.prompt_scores = self._score_prompt(request.prompt_ids, request.prompt_logprobs)
             except Exception as error:

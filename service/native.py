@@ -83,9 +83,11 @@ def to_engine_requests(service: Service, body: schemas.GenerateRequest,
     # Every stream event and details.tokens carry log-probabilities; a plain JSON answer needs none.
     logprobs = (p.top_n_tokens or 0) if stream or p.details else None
     prompt_logprobs = 0 if p.details and p.decoder_input_details else None
+    ranked = best_of > 1
     first = GenerationRequest(prompt_ids, max_new_tokens, params, tuple(p.stop), logprobs=logprobs,
-                              prompt_logprobs=prompt_logprobs)
-    rest = GenerationRequest(prompt_ids, max_new_tokens, first.params, first.stop, logprobs=logprobs)
+                              prompt_logprobs=prompt_logprobs, ranked=ranked)
+    rest = GenerationRequest(prompt_ids, max_new_tokens, first.params, first.stop, logprobs=logprobs,
+                             ranked=ranked)
     return [first] + [nth_sample(rest, i) for i in range(1, best_of)]
 
 

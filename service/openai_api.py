@@ -123,7 +123,8 @@ def plan(service: Service, body: schemas.CompletionRequest) -> Plan:
         for sample in range(best_of):
             scored = result.scores_prompt and not result.scoring_rows and sample == 0
             request = GenerationRequest(ids, max_tokens, params, tuple(stop), min_tokens=body.min_tokens or 0,
-                                        logprobs=logprobs, prompt_logprobs=body.logprobs if scored else None)
+                                        logprobs=logprobs, prompt_logprobs=body.logprobs if scored else None,
+                                        ranked=best_of > n)
             result.rows.append(nth_sample(request, sample))
     if result.scoring_rows:
         result.rows += [GenerationRequest(ids, 0, params, prompt_logprobs=body.logprobs)

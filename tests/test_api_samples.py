@@ -132,6 +132,10 @@ def test_tgi_best_of_with_best_of_sequences(server: ServerProcess) -> None:
     assert means[0] == max(means)
     for text, d in everyone:
         assert "".join(t["text"] for t in d["tokens"]) == text and d["generated_tokens"] == 15
+    # Without details (no per-token log-probabilities asked for), the same answer.
+    plain = {**parameters, "details": False}
+    assert post(server, "/generate", {"inputs": "CINNA:", "parameters": plain})["generated_text"] == \
+        body["generated_text"]
     assert post(server, "/generate", {"inputs": "CINNA:", "parameters": {"best_of": 2}}, status=422)
 
 

@@ -159,6 +159,39 @@ def test_zero_new_tokens_stop_strings_and_long_prompts(make_engine: MakeEngine,
     assert long_end.truncated and long_end.input_length == 260 and long_end.generated_tokens == 5
 
 
+def test_a_ranked_request_sums_its_tokens_log_probabilities(make_engine: MakeEngine,
+                                                            tokenizer: CharTokenizer) -> None:
+    """best_of ranks rows by Finished.cumulative_logprob: a ranked row has the sum of the per-token
+    log-probabilities that the same request reports with logprobs; a row that asked for neither
+    (whose steps compute no log-probabilities) has 0.0 and the same text."""
+    engine = make_engine()
+    plain = request(tokenizer, "BRUTUS:", 30, temperature=0.9, seed=11)
+    ranked = GenerationRequest(plain.prompt_ids, 30, plain.params, ranked=True)
+    reported = GenerationRequest(plain.prompt_ids, 30, plain.params, logprobs=0)
+
+    async def tokens(handle: RequestHandle) -> tuple[list[TextChunk], Finished]:
+        chunks = []
+        while not isinstance(event := await handle.next_event(), Finished | Failed):
+            if isinstance(event, TextChunk):
+                chunks.append(event)
+        return chunks, event
+
+    async def scenario() -> list[tuple[list[TextChunk], Finished]]:
+        alone = [await tokens(engine.submit(r)) for r in (plain, ranked, reported)]
+        together = await asyncio.gather(*(tokens(engine.submit(r)) for r in (plain, ranked)))
+        return alone + list(together)
+
+    (plain_chunks, plain_end), (ranked_chunks, ranked_end), (reported_chunks, reported_end), \
+        (_, plain_beside_ranked), (_, ranked_beside_plain) = run(scenario())
+    assert "".join(c.text for c in plain_chunks) == "".join(c.text for c in ranked_chunks) \
+        == "".join(c.text for c in reported_chunks)
+    per_token = sum(c.token.logprob for c in reported_chunks)
+    assert per_token < 0
+    assert ranked_end.cumulative_logprob == pytest.approx(per_token, abs=1e-4)
+    assert ranked_beside_plain.cumulative_logprob == pytest.approx(per_token, abs=1e-4)
+    assert plain_end.cumulative_logprob == plain_beside_ranked.cumulative_logprob == 0.0
+
+
 def test_drain_lets_short_requests_finish_and_ends_the_rest(make_engine: MakeEngine,
                                                             tokenizer: CharTokenizer) -> None:
     engine = make_engine()

@@ -277,6 +277,25 @@ def test_logprobs_are_the_raw_distributions_with_the_top_alternatives():
     assert sample_rows(logits, rows).top is None
 
 
+def test_rows_that_want_no_logprobs_draw_the_same_tokens_without_them():
+    torch.manual_seed(2)
+    logits = torch.randn(3, 65)
+    settings = [SamplingParams(temperature=0.8, top_k=20), SamplingParams(temperature=0),
+                SamplingParams(top_p=0.9)]
+
+    def rows(scored: list[bool]) -> list[Row]:
+        return [Row(params, seed=5 + i, position=7, scored=wanted)
+                for i, (params, wanted) in enumerate(zip(settings, scored, strict=True))]
+
+    everyone = sample_rows(logits, rows([True] * 3))
+    nobody = sample_rows(logits, rows([False] * 3))
+    one = sample_rows(logits, rows([False, True, False]))
+    assert nobody.tokens == one.tokens == everyone.tokens
+    assert nobody.logprobs == [0.0] * 3  # no row of the step is scored: none are computed
+    assert one.logprobs == pytest.approx(everyone.logprobs, abs=1e-6)
+    assert all(lp < 0 for lp in everyone.logprobs)
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5),
                                  dict(repetition_penalty=0), dict(min_p=1.5), dict(typical_p=0.0)])
 def test_invalid_params_are_refused(bad):
