@@ -415,13 +415,18 @@ def step_tokens(model: GPT, cache: KVCache, seqs: list[Sequence]) -> Sampled:
         logits = _prefill_contexts(model, cache, seqs, refilling)
     else:
         logits = None
-    # Sorted by row: consecutive rows let attention view the cache, not copy it.
-    decoding = sorted((i for i, seq in enumerate(seqs) if not seq.refill), key=lambda i: seqs[i].row)
+    decoding = [i for i, seq in enumerate(seqs) if not seq.refill] if refilling else list(range(len(seqs)))
+    rows = [seqs[i].row for i in decoding]
+    if rows != sorted(rows):  # consecutive rows let attention view the cache, not copy it (the engine's are)
+        decoding.sort(key=lambda i: seqs[i].row)
+        rows.sort()
     if decoding:
+        tokens = []
         for i in decoding:  # what the row's accepted tokens put in the cache, whatever ran before
-            cache.lengths[seqs[i].row] = len(seqs[i].tokens) - seqs[i].window_start - 1
-        step_logits = decode_step(model, cache, [seqs[i].row for i in decoding],
-                                  [seqs[i].tokens[-1] for i in decoding])
+            seq = seqs[i]
+            cache.lengths[seq.row] = len(seq.tokens) - seq.window_start - 1
+            tokens.append(seq.tokens[-1])
+        step_logits = decode_step(model, cache, rows, tokens)
         if logits is None and decoding == list(range(len(seqs))):
             logits = step_logits
         else:
