@@ -137,10 +137,20 @@ class RequestHandle:
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.collected: list[TextChunk] | None = None  # see collect()
         self.cancelled = False  # set on the loop, read by the scheduler thread (a plain bool is atomic)
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def collect(self) -> list[TextChunk]:
+        """From now on, gather the request's chunks of text in the list returned, in order, rather than
+        waking the reader for each: a reader that wants only the whole text (a non-streamed request,
+        as vLLM's final-only output) then wakes once, for the end, not once per character. The other
+        events still come through next_event; chunks queued before this call are there too. Call it
+        on the handle's event loop."""
+        self.collected = []
+        return self.collected
 
     async def next_event(self) -> Event:
         return await self.events.get()
@@ -660,7 +670,11 @@ def to_event_loops(deliveries: Deliveries) -> None:
 
 
 def _put_events(deliveries: Deliveries) -> None:
-    """On the handles' event loop: queue each handle's events."""
+    """On the handles' event loop: queue each handle's events, or gather its chunks where it collects."""
     for handle, events in deliveries:
+        collected = handle.collected
         for event in events:
-            handle.events.put_nowait(event)
+            if collected is not None and type(event) is TextChunk:
+                collected.append(event)
+            else:
+                handle.events.put_nowait(event)

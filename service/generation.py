@@ -198,13 +198,10 @@ class Service:
                 chunks = []
             event = await handle.next_event()
             if isinstance(event, TextChunk):
-                if last_time is not None:
-                    self.metrics.inter_token_latency.observe(event.time - last_time)
-                last_time = event.time
+                last_time = self._observe_latency([event], last_time)
                 chunks.append(event)
             elif isinstance(event, Finished):
-                self.metrics.time_to_first_token.observe(event.time_to_first_token_s)
-                self.metrics.generated_tokens.inc(event.generated_tokens)
+                self._observe_end(event)
                 yield chunks, event
                 return
             elif isinstance(event, Failed):
@@ -243,15 +240,36 @@ class Service:
             for task in pumps:
                 task.cancel()
 
+    def _observe_latency(self, chunks: list[TextChunk], last_time: float | None) -> float | None:
+        """Record the time between each chunk and the one before (the first: after `last_time`, if
+        any); return the last one's time."""
+        for chunk in chunks:
+            if last_time is not None:
+                self.metrics.inter_token_latency.observe(chunk.time - last_time)
+            last_time = chunk.time
+        return last_time
+
+    def _observe_end(self, finished: Finished) -> None:
+        self.metrics.time_to_first_token.observe(finished.time_to_first_token_s)
+        self.metrics.generated_tokens.inc(finished.generated_tokens)
+
     async def outcome(self, handle: RequestHandle) -> Outcome:
-        text: list[str] = []
-        chunks: list[TextChunk] = []
-        async for new, finished in self.steps(handle):
-            chunks.extend(new)
-            text.extend(chunk.text for chunk in new)
-            if finished is not None:
-                return Outcome("".join(text), chunks, finished)
-        raise AssertionError("a request's events end with Finished or Failed")
+        """A row's whole output, for a non-streamed request: its chunks are gathered without waking
+        this coroutine (RequestHandle.collect), which wakes for the end. A Failed event is raised as
+        an APIError."""
+        chunks: list[TextChunk] = []  # those queued before collecting began
+        collected = handle.collect()
+        while True:
+            event = await handle.next_event()
+            if isinstance(event, TextChunk):
+                chunks.append(event)
+            elif isinstance(event, Finished):
+                chunks += collected
+                self._observe_latency(chunks, None)
+                self._observe_end(event)
+                return Outcome("".join(chunk.text for chunk in chunks), chunks, event)
+            elif isinstance(event, Failed):
+                raise failure_error(event)
 
     async def complete(self, request: Request, handles: Sequence[RequestHandle]) -> list[Outcome]:
         """What each row produced, for a non-streamed request. The first failure of any row cancels the

@@ -16,6 +16,7 @@ import torch
 
 from gpt import GPT, CharTokenizer, SamplingParams, generate
 from service.engine import (
+    Admitted,
     EngineUnavailable,
     Failed,
     Finished,
@@ -190,6 +191,32 @@ def test_a_ranked_request_sums_its_tokens_log_probabilities(make_engine: MakeEng
     assert ranked_end.cumulative_logprob == pytest.approx(per_token, abs=1e-4)
     assert ranked_beside_plain.cumulative_logprob == pytest.approx(per_token, abs=1e-4)
     assert plain_end.cumulative_logprob == plain_beside_ranked.cumulative_logprob == 0.0
+
+
+def test_a_collecting_handle_wakes_its_reader_for_the_end_alone(make_engine: MakeEngine,
+                                                                 tokenizer: CharTokenizer) -> None:
+    """RequestHandle.collect (non-streamed requests): after it, the chunks gather in its list, in
+    order, and next_event gives the other events only; chunks queued before it stay in the queue."""
+    engine = make_engine()
+    mine = request(tokenizer, "BRUTUS:", 60, temperature=0.9, seed=3)
+
+    async def collecting() -> tuple[str, list[type], int]:
+        handle = engine.submit(mine)
+        assert isinstance(await handle.next_event(), Admitted)
+        collected = handle.collect()
+        read, woken_by = "", []
+        while not isinstance(event := await handle.next_event(), Finished | Failed):
+            read += event.text  # queued before collect(): at most the first, delivered with Admitted
+            woken_by.append(type(event))
+        woken_by.append(type(event))
+        return read + "".join(chunk.text for chunk in collected), woken_by, len(collected)
+
+    async def read_event_by_event() -> str:
+        return (await outcome(engine.submit(mine)))[0]
+
+    text, woken_by, gathered = run(collecting())
+    assert woken_by in ([Finished], [TextChunk, Finished]) and gathered >= 59
+    assert text == run(read_event_by_event()) and len(text) == 60
 
 
 def test_drain_lets_short_requests_finish_and_ends_the_rest(make_engine: MakeEngine,
