@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         if settings.checkpoint == DEFAULT_CHECKPOINT and not DEFAULT_CHECKPOINT.exists():
             hint = " (scripts/train-shipped makes it)"
         sys.exit(f"error: cannot serve this checkpoint: {error}{hint}")
-    except (RuntimeError, EngineProcessError) as error:  # e.g. --device cuda without CUDA
+    except (RuntimeError, ValueError, EngineProcessError) as error:  # e.g. --device cuda without CUDA
         sys.exit(f"error: {error}")
     app = create_app(settings, engine)
     logger.info("starting: %s", json.dumps({"settings": settings.public_dict(),

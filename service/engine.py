@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import torch
 
 from gpt import CharTokenizer, KVCache, SamplingParams, Sequence, load_checkpoint
-from gpt.device import one_cpu_thread
+from gpt.device import one_cpu_thread, pick_device, pick_dtype
 from gpt.generate import CompiledRowsStep, advance, compile_decode, start_rows, step_tokens
 from gpt.model import GPT
 from gpt.sampling import Sampled
@@ -218,20 +218,6 @@ class _Work:
         self.ended = self.ended or isinstance(event, ENDINGS)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but CUDA is not available")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
-
-
 Deliveries = list[tuple[Any, list[Event]]]  # (a request's handle, its new events), for many requests
 
 
@@ -313,11 +299,11 @@ class Engine(Admission):
     @classmethod
     def from_settings(cls, settings: Any, **options: Any) -> Engine:
         """Load the checkpoint that `settings` (a service.settings.Settings) names. Raises
-        gpt.CheckpointError for a bad checkpoint."""
+        gpt.CheckpointError for a bad checkpoint, ValueError for a device this machine lacks."""
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        device = resolve_device(settings.device)
-        dtype = resolve_dtype(settings.dtype, device)
+        device = pick_device(settings.device)
+        dtype = pick_dtype(device, settings.dtype)
         options = {"max_batch_size": settings.max_batch_size, "max_queue": settings.max_queue,
                    "queue_timeout_s": settings.queue_timeout_s, "compile": settings.compile, **options}
         with one_cpu_thread():  # this thread only loads; the scheduler thread runs the model

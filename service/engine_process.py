@@ -314,7 +314,7 @@ class EngineProcess(Admission):
             kind = message[0]
             if kind == expected:
                 return message[1] if len(message) > 1 else None
-            if kind == "error":  # the child's CheckpointError or RuntimeError, raised again here
+            if kind == "error":  # the child's CheckpointError, or its RuntimeError or ValueError, raised here
                 child.process.join(STOP_TIMEOUT_S)
                 checkpoint_problem, text = message[1]
                 raise CheckpointError(text) if checkpoint_problem else RuntimeError(text)
@@ -519,7 +519,7 @@ def run_engine(settings: Settings, conn: Connection) -> None:
             # its row here for up to two more steps, so this engine's own bound sits a batch above it.
             engine = Engine.from_settings(settings, on_events=forward,
                                           max_queue=settings.max_queue + settings.max_batch_size)
-        except (CheckpointError, RuntimeError) as error:
+        except (CheckpointError, RuntimeError, ValueError) as error:
             send(("error", (isinstance(error, CheckpointError), str(error))))
             return
         send(("loaded", engine.model_card()))

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import torch
 
 from service.engine import Finished, TextChunk, TokenLogprob
 from service.engine_process import Outbox, unpack_events, usable_cpus
@@ -220,6 +221,15 @@ def test_an_engine_that_does_not_load_in_time_ends_the_server(tiny_checkpoint: P
     if pid_file.exists():  # the engine process hung in its load (else: still importing, on a slow machine)
         pid = int(pid_file.read_text())
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # killed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("engine_process", [True, False], ids=["engine process", "one process"])
+def test_cuda_asked_for_without_cuda_ends_the_server(tiny_checkpoint: Path, engine_process: bool) -> None:
+    mode = "--engine-process" if engine_process else "--no-engine-process"
+    result = run_service(tiny_checkpoint, {}, mode, "--device", "cuda")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1].endswith("device 'cuda' was asked for, but CUDA is not available")
 
 
 @pytest.mark.parametrize("engine_process", [True, False], ids=["engine process", "one process"])
