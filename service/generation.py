@@ -307,7 +307,8 @@ def cancel_all(handles: Sequence[RequestHandle]) -> None:
         handle.cancel()
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    # async: FastAPI runs a plain-function dependency on its thread pool, a hand-off per request
     return request.app.state.service
 
 
