@@ -198,7 +198,7 @@ class Service:
                 chunks = []
             event = await handle.next_event()
             if isinstance(event, TextChunk):
-                last_time = self._observe_latency([event], last_time)
+                last_time = self._observe_latency(event, last_time)
                 chunks.append(event)
             elif isinstance(event, Finished):
                 self._observe_end(event)
@@ -240,14 +240,11 @@ class Service:
             for task in pumps:
                 task.cancel()
 
-    def _observe_latency(self, chunks: list[TextChunk], last_time: float | None) -> float | None:
-        """Record the time between each chunk and the one before (the first: after `last_time`, if
-        any); return the last one's time."""
-        for chunk in chunks:
-            if last_time is not None:
-                self.metrics.inter_token_latency.observe(chunk.time - last_time)
-            last_time = chunk.time
-        return last_time
+    def _observe_latency(self, chunk: TextChunk, last_time: float | None) -> float:
+        """Record the time since the chunk before (sampled at `last_time`, if any); return this one's."""
+        if last_time is not None:
+            self.metrics.inter_token_latency.observe(chunk.time - last_time)
+        return chunk.time
 
     def _observe_end(self, finished: Finished) -> None:
         self.metrics.time_to_first_token.observe(finished.time_to_first_token_s)
@@ -265,7 +262,9 @@ class Service:
                 chunks.append(event)
             elif isinstance(event, Finished):
                 chunks += collected
-                self._observe_latency(chunks, None)
+                last_time = None
+                for chunk in chunks:
+                    last_time = self._observe_latency(chunk, last_time)
                 self._observe_end(event)
                 return Outcome("".join(chunk.text for chunk in chunks), chunks, event)
             elif isinstance(event, Failed):
