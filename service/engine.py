@@ -8,7 +8,8 @@ Each scheduler iteration
   3. runs ONE batched decode step for every running row (`gpt.generate.step_tokens`: the model step,
      then one batched sampling step for all rows), and each row accepts its token;
   4. frees the rows of requests that finished, at once;
-  5. hands each request its new text, in one wake-up of the asyncio loop that submitted it.
+  5. hands each request its new text, in one wake-up of the asyncio loop that submitted it (a
+     non-streamed request, `final_only`, all of it at once when it ends).
 
 A request's failure is its own: a step that raises runs again row by row (each row's draw depends
 only on its seed and position, so the others' text does not change), and only the rows that fail
@@ -57,6 +58,9 @@ class GenerationRequest:
     logprobs: int | None = None  # report each generated token's log-probability and this many alternatives
     prompt_logprobs: int | None = None  # score the prompt: each character's log-probability and alternatives
     ranked: bool = False  # ranked among samples by its log-probability (best_of): Finished.cumulative_logprob
+    # A non-streamed request: its events reach its handle together, with its end, not step by step
+    # (vLLM's FINAL_ONLY output): no message across the pipe and no wake-up of its event loop per step.
+    final_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,10 +149,10 @@ class RequestHandle:
 
     def collect(self) -> list[TextChunk]:
         """From now on, gather the request's chunks of text in the list returned, in order, rather than
-        waking the reader for each: a reader that wants only the whole text (a non-streamed request,
-        as vLLM's final-only output) then wakes once, for the end, not once per character. The other
-        events still come through next_event; chunks queued before this call are there too. Call it
-        on the handle's event loop."""
+        queueing them one by one: a reader that wants only the whole text (a non-streamed request)
+        then reads its end alone, whether its chunks come step by step or all together
+        (`final_only`). The other events still come through next_event; chunks queued before this
+        call are there too. Call it on the handle's event loop."""
         self.collected = []
         return self.collected
 
@@ -559,10 +563,10 @@ class Engine(Admission):
 
     def _settle(self, works: list[_Work]) -> None:
         """Free the rows of requests that ended, then hand every request its events of this
-        iteration, all in one call of `on_events`."""
+        iteration (a final-only request: all its events, once it has ended), in one call of `on_events`."""
         deliveries, ended = [], []
         for work in works:
-            if work.outbox:
+            if work.outbox and (work.ended or not work.request.final_only):
                 deliveries.append((work.handle, work.outbox))
                 work.outbox = []
             if work.ended:

@@ -85,9 +85,9 @@ def to_engine_requests(service: Service, body: schemas.GenerateRequest,
     prompt_logprobs = 0 if p.details and p.decoder_input_details else None
     ranked = best_of > 1
     first = GenerationRequest(prompt_ids, max_new_tokens, params, tuple(p.stop), logprobs=logprobs,
-                              prompt_logprobs=prompt_logprobs, ranked=ranked)
+                              prompt_logprobs=prompt_logprobs, ranked=ranked, final_only=not stream)
     rest = GenerationRequest(prompt_ids, max_new_tokens, first.params, first.stop, logprobs=logprobs,
-                             ranked=ranked)
+                             ranked=ranked, final_only=not stream)
     return [first] + [nth_sample(rest, i) for i in range(1, best_of)]
 
 

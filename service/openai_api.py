@@ -124,7 +124,7 @@ def plan(service: Service, body: schemas.CompletionRequest) -> Plan:
             scored = result.scores_prompt and not result.scoring_rows and sample == 0
             request = GenerationRequest(ids, max_tokens, params, tuple(stop), min_tokens=body.min_tokens or 0,
                                         logprobs=logprobs, prompt_logprobs=body.logprobs if scored else None,
-                                        ranked=best_of > n)
+                                        ranked=best_of > n, final_only=not body.stream)
             result.rows.append(nth_sample(request, sample))
     if result.scoring_rows:
         result.rows += [GenerationRequest(ids, 0, params, prompt_logprobs=body.logprobs)

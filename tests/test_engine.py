@@ -5,8 +5,10 @@ and drain ends what cannot finish (faults: tests/test_engine_faults.py)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
+import threading
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -217,6 +219,48 @@ def test_a_collecting_handle_wakes_its_reader_for_the_end_alone(make_engine: Mak
     text, woken_by, gathered = run(collecting())
     assert woken_by in ([Finished], [TextChunk, Finished]) and gathered >= 59
     assert text == run(read_event_by_event()) and len(text) == 60
+
+
+class Recorded:
+    """A handle of the engine's own kind (no event loop): the deliveries it got, each a list of events."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.deliveries: list[list[Any]] = []
+
+
+def test_a_final_only_request_gets_all_its_events_in_one_delivery(make_engine: MakeEngine,
+                                                                  tokenizer: CharTokenizer) -> None:
+    """A non-streamed request (final_only) is handed nothing while it runs, then everything at once,
+    with its end: one delivery instead of one a step, and the text a streamed twin gets step by step."""
+    ended = threading.Event()
+    handles: list[Recorded] = []
+
+    def record(deliveries: Any) -> None:
+        for handle, events in deliveries:
+            handle.deliveries.append(list(events))
+        if handles and all(h.deliveries and isinstance(h.deliveries[-1][-1], Finished | Failed)
+                           for h in handles):
+            ended.set()
+
+    engine = make_engine(on_events=record)
+    streamed = request(tokenizer, "BRUTUS:", 50, temperature=0.9, seed=11)
+    final_only = dataclasses.replace(streamed, final_only=True)
+    handles += [Recorded(), Recorded()]
+    for req, handle in zip((streamed, final_only), handles, strict=True):
+        engine.submit(req, handle)
+    assert ended.wait(30)
+    step_by_step, at_once = (h.deliveries for h in handles)
+    assert len(step_by_step) > 40 and len(at_once) == 1
+    events = at_once[0]
+    assert isinstance(events[0], Admitted) and isinstance(events[-1], Finished)
+    assert all(type(event) is TextChunk for event in events[1:-1])
+
+    def text(deliveries: list[list[Any]]) -> str:
+        return "".join(e.text for events in deliveries for e in events if type(e) is TextChunk)
+
+    assert text(at_once) == text(step_by_step) and len(text(at_once)) == 50
+    assert events[-1].generated_tokens == 50
 
 
 def test_drain_lets_short_requests_finish_and_ends_the_rest(make_engine: MakeEngine,
