@@ -137,6 +137,13 @@ def server_cores(loads: list[Load]) -> float:
     return median([load.server_cpu_s / load.result.wall_s for load in loads])
 
 
+def us_per_char(loads: list[Load]) -> tuple[float, float]:
+    """The server's CPU per character generated over the loads: its HTTP process's, its engine process's."""
+    chars = sum(load.chars for load in loads)
+    engine_s = sum(load.engine_cpu_s for load in loads)
+    return (sum(load.server_cpu_s for load in loads) - engine_s) / chars * 1e6, engine_s / chars * 1e6
+
+
 def stream_body(prompt: str, new: int) -> dict[str, Any]:
     return {"inputs": prompt, "parameters": {"max_new_tokens": new, "temperature": 0}}
 
@@ -428,18 +435,18 @@ def hf_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) -> 
         return max(((peer, median(hf_rates[(peer, streams)])) for peer in hf_peers), key=lambda pr: pr[1])
 
     table = Table(["streams", "peer", "chars/s", "spread", "latency p50 s", "server CPU (cores)",
-                   "client CPU (% of a core)"])
+                   "HTTP process CPU us/char", "engine process CPU us/char", "client CPU (% of a core)"])
     for streams in levels:
         table.add(streams, "ours (HTTP /generate)", ours_rate(streams),
                   spread([load.chars_per_s for load in ours[streams]]),
                   percentile([r.total_s for r in pooled(ours[streams])], 0.5), server_cores(ours[streams]),
-                  client_cpu(ours[streams]))
+                  *us_per_char(ours[streams]), client_cpu(ours[streams]))
         if streams == 1 and curl_rates:
             table.add(streams, "ours, curl as the client", median(curl_rates), spread(curl_rates),
-                      "-", "-", "-")
+                      "-", "-", "-", "-", "-")
         for peer in hf_peers:
             table.add(streams, f"{peer}, batch {streams}", median(hf_rates[(peer, streams)]),
-                      spread(hf_rates[(peer, streams)]), "-", "-", "-")
+                      spread(hf_rates[(peer, streams)]), "-", "-", "-", "-", "-")
     targets = {1: 2.5, 64: 2.0}
     ratios = Table(["streams", "ours / HF generate", "issue 18's target", "met"])
     for streams in levels:
@@ -532,9 +539,7 @@ def client_check_mode(args: Any, argv: list[str] | None, checkpoint: Path, which
             rate = median([load.chars_per_s for load in ls])
             table.add(name, clients, len(pooled(ls)), rate, spread([load.chars_per_s for load in ls]),
                       percentile([r.total_s for r in pooled(ls)], 0.5), client_cpu(ls),
-                      sum(load.result.client_cpu_s for load in ls) / chars * 1e6,
-                      sum(load.server_cpu_s - load.engine_cpu_s for load in ls) / chars * 1e6,
-                      sum(load.engine_cpu_s for load in ls) / chars * 1e6,
+                      sum(load.result.client_cpu_s for load in ls) / chars * 1e6, *us_per_char(ls),
                       f"{rate / curl_rate:.2f}x" if curl_rate == curl_rate else "-")
     header = (f"`{command_line(argv)}`\n\nWeights: {which}. Our server (`python -m service`, torch threads "
               f"{args.threads or 'the CPUs'}), greedy, {len(prompt)}-character prompt, {new} new characters "
