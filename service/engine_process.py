@@ -16,7 +16,8 @@ restarts in a row, leave `alive` False: the server then exits non-zero (service/
 The pipe carries, down: ("submit", id, GenerationRequest), ("cancel", id), ("abort", Failed),
 ("stop",); up: ("loaded", model card) or ("error", (is a CheckpointError, message)) once,
 ("ready",) after the warm-up, ("events", [(id, packed events), ...], (queue size, running rows))
-once per scheduler iteration that has news (`pack_events`: a plain chunk of text as a tuple), and
+once per scheduler iteration that has news (`pack_events`: a plain chunk of text as a tuple; a
+non-streamed request has news once, when it ends: `GenerationRequest.final_only`), and
 ("died", message) if the warm-up or the scheduler thread fails.
 """
 
