@@ -2,8 +2,9 @@
 two-process mode: SIGKILL of the engine process under load fails only the requests in flight (503 with
 Retry-After, or an `error` event), /ready turns 503 and back to 200, the next requests succeed and
 /metrics counts the restart; restarts that keep failing end the server with a non-zero status; an
-engine that does not load in time, or whose first warm-up fails, ends it with one clear line. And the
-engine process's Outbox: its messages reach the other end in order, packed, all of them by close().
+engine that does not load in time, or whose first warm-up fails, ends it with one clear line. A
+non-streamed request's events cross the pipe in one message. And the engine process's Outbox: its
+messages reach the other end in order, packed, all of them by close().
 
 Faults inside the engine process are injected by a `sitecustomize` module on PYTHONPATH (written by
 `fault_env`), which every Python process of the server imports at start: nothing in the service
@@ -12,6 +13,8 @@ knows about it.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -28,8 +31,10 @@ import psutil
 import pytest
 import torch
 
-from service.engine import Finished, TextChunk, TokenLogprob
-from service.engine_process import Outbox, unpack_events, usable_cpus
+from gpt import SamplingParams
+from service.engine import Failed, Finished, GenerationRequest, TextChunk, TokenLogprob
+from service.engine_process import EngineProcess, Outbox, unpack_events, usable_cpus
+from service.settings import Settings
 from tests.server_utils import REPO, ServerProcess, free_port, metric_value, running_server
 
 LONG = 100_000  # new characters for requests that must still be running when the engine dies
@@ -244,6 +249,45 @@ def test_a_failing_first_warm_up_ends_the_server(tiny_checkpoint: Path, tmp_path
     else:
         expected = "error: the engine's scheduler thread died: "
     assert result.stderr.splitlines()[-1] == expected + "RuntimeError: injected warm-up fault", result.stderr
+
+
+def test_a_final_only_request_crosses_the_pipe_once(tiny_checkpoint: Path) -> None:
+    """In the real engine process, a non-streamed request's events reach the parent in one message,
+    with its end; a streamed twin's come step by step, with the same text."""
+    engine = EngineProcess(Settings(checkpoint=tiny_checkpoint, threads=1, max_batch_size=4))
+    dispatched: dict[int, list[list]] = {}
+    dispatch = engine._dispatch
+
+    def recording(items: list) -> None:
+        for request_id, packed in items:
+            dispatched.setdefault(request_id, []).append(unpack_events(packed))
+        dispatch(items)
+
+    engine._dispatch = recording
+    streamed = GenerationRequest(engine.tokenizer.encode("BRUTUS:"), 40,
+                                 SamplingParams(temperature=0.9, seed=5))
+    final_only = dataclasses.replace(streamed, final_only=True)
+
+    async def both() -> list[str]:
+        handles = [engine.submit(streamed), engine.submit(final_only)]
+        texts = []
+        for handle in handles:
+            text = ""
+            while not isinstance(event := await handle.next_event(), Finished | Failed):
+                text += event.text if isinstance(event, TextChunk) else ""
+            assert isinstance(event, Finished), event
+            texts.append(text)
+        return texts
+
+    engine.start()
+    try:
+        wait_until(lambda: engine.ready)
+        streamed_text, final_text = asyncio.run(asyncio.wait_for(both(), timeout=60))
+    finally:
+        engine.shutdown()
+    streamed_id, final_id = sorted(dispatched)
+    assert len(dispatched[streamed_id]) > 20 and len(dispatched[final_id]) == 1
+    assert final_text == streamed_text and len(final_text) == 40
 
 
 def test_the_outbox_writes_in_order_packed_and_everything_by_close():
