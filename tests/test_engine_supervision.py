@@ -13,7 +13,6 @@ knows about it.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import multiprocessing
@@ -22,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +36,7 @@ from service.engine import Failed, Finished, GenerationRequest, TextChunk, Token
 from service.engine_process import EngineProcess, Outbox, unpack_events, usable_cpus
 from service.settings import Settings
 from tests.server_utils import REPO, ServerProcess, free_port, metric_value, running_server
+from tests.test_engine import outcome, run
 
 LONG = 100_000  # new characters for requests that must still be running when the engine dies
 SEEDED = {"inputs": "CAESAR:", "parameters": {"max_new_tokens": 24, "seed": 7, "temperature": 0.9}}
@@ -255,12 +256,11 @@ def test_a_final_only_request_crosses_the_pipe_once(tiny_checkpoint: Path) -> No
     """In the real engine process, a non-streamed request's events reach the parent in one message,
     with its end; a streamed twin's come step by step, with the same text."""
     engine = EngineProcess(Settings(checkpoint=tiny_checkpoint, threads=1, max_batch_size=4))
-    dispatched: dict[int, list[list]] = {}
+    dispatches: Counter[int] = Counter()  # the parent's dispatches that carried each request's events
     dispatch = engine._dispatch
 
     def recording(items: list) -> None:
-        for request_id, packed in items:
-            dispatched.setdefault(request_id, []).append(unpack_events(packed))
+        dispatches.update(request_id for request_id, _ in items)
         dispatch(items)
 
     engine._dispatch = recording
@@ -268,25 +268,19 @@ def test_a_final_only_request_crosses_the_pipe_once(tiny_checkpoint: Path) -> No
                                  SamplingParams(temperature=0.9, seed=5))
     final_only = dataclasses.replace(streamed, final_only=True)
 
-    async def both() -> list[str]:
+    async def both() -> list[tuple[str, Finished | Failed]]:
         handles = [engine.submit(streamed), engine.submit(final_only)]
-        texts = []
-        for handle in handles:
-            text = ""
-            while not isinstance(event := await handle.next_event(), Finished | Failed):
-                text += event.text if isinstance(event, TextChunk) else ""
-            assert isinstance(event, Finished), event
-            texts.append(text)
-        return texts
+        return [await outcome(handle) for handle in handles]
 
     engine.start()
     try:
         wait_until(lambda: engine.ready)
-        streamed_text, final_text = asyncio.run(asyncio.wait_for(both(), timeout=60))
+        (streamed_text, streamed_end), (final_text, final_end) = run(both())
     finally:
         engine.shutdown()
-    streamed_id, final_id = sorted(dispatched)
-    assert len(dispatched[streamed_id]) > 20 and len(dispatched[final_id]) == 1
+    assert isinstance(streamed_end, Finished) and isinstance(final_end, Finished)
+    streamed_id, final_id = sorted(dispatches)
+    assert dispatches[streamed_id] > 20 and dispatches[final_id] == 1
     assert final_text == streamed_text and len(final_text) == 40
 
 
