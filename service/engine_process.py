@@ -95,12 +95,12 @@ class _Child:
         self.started_at = time.monotonic()
         self.process.start()
         child_conn.close()
-        self.send_lock = threading.Lock()
+        self.pipe_lock = threading.Lock()  # sends, and the close that shutdown and the supervisor race to
         self.ready = False
 
     def send(self, message: tuple) -> None:
         try:
-            with self.send_lock:
+            with self.pipe_lock:
                 self.conn.send(message)
         except (OSError, ValueError):  # the process is gone; its reader reports it
             pass
@@ -109,7 +109,14 @@ class _Child:
         if self.process.is_alive():
             self.process.kill()
         self.process.join(STOP_TIMEOUT_S)
-        self.conn.close()
+        self.close()
+
+    def close(self) -> None:
+        """Close the parent's end of the pipe, once: a second close would close whatever file
+        descriptor took its number meanwhile, or raise EBADF."""
+        with self.pipe_lock:
+            if not self.conn.closed:
+                self.conn.close()
 
     def how_it_ended(self) -> str:
         """Why the process is gone, in words: its exit code or the signal that killed it."""
@@ -356,7 +363,7 @@ class EngineProcess(Admission):
                 cause = message[1]
                 break
         ended = child.how_it_ended()
-        child.conn.close()
+        child.close()
         return f"{cause}; {ended}" if cause else ended
 
     def _fail_in_flight(self, failure: Failed) -> int:
