@@ -343,6 +343,7 @@ class Engine(Admission):
             "vocab": self.tokenizer.chars,
             "device": str(self.device),
             "cpu_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # ATen's kernels: AVX2, AVX512, ...
             "dtype": str(self.dtype).removeprefix("torch."),
             "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
             "weights_sha256": self.checkpoint_config.get("weights_sha256"),

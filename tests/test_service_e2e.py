@@ -15,6 +15,7 @@ import httpx
 import openai
 import psutil
 import pytest
+import torch
 from httpx_sse import connect_sse
 from huggingface_hub import InferenceClient
 
@@ -197,7 +198,9 @@ def test_the_engine_process_dying_is_reported_not_hung_on(tiny_checkpoint: Path)
     with running_server(tiny_checkpoint, "--max-new-tokens", str(LONG)) as server, \
             httpx.Client(base_url=server.base_url, timeout=30) as client:
         (engine,) = engine_processes(server)
-        assert client.get("/info").json()["model"]["cpu_threads"] == 1  # CAESAR_THREADS=1 reached it
+        model = client.get("/info").json()["model"]
+        assert model["cpu_threads"] == 1  # CAESAR_THREADS=1 reached it
+        assert model["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
         with client.stream("POST", "/generate_stream",
                            json={"inputs": "a", "parameters": {"max_new_tokens": LONG}}) as stream:
             lines = stream.iter_lines()
