@@ -17,9 +17,11 @@ medians over the rounds, time to first character and latency percentiles over ev
 `--mode hf` (issue 18): our server through HTTP JSON POST /generate (temperature 0.8, a seed per
 request, from "BRUTUS.\\n") against `GPT2LMHeadModel.generate` on the same weights (bench/convert_hf.py;
 do_sample, temperature 0.8, no top-k, seeded) in this process, one peer per `--hf-threads` setting
-(default 1 and 2 torch threads; the ratio is against the faster): 1 stream (`--requests` requests one
-after the other; HF batch 1, as many calls) and 64 concurrent streams (64 requests at once; HF one call
-of batch 64), alternating ours / HF, `--repeats` rounds. HF's model has
+(default 1 and 2 torch threads; the ratio is against the fastest) and, with `--dtype bfloat16`, the
+same again with the weights in float32 (HF's faster dtype on a CPU without bfloat16 instructions):
+1 stream (`--requests` requests one after the other; HF batch 1, as many calls) and 64 concurrent
+streams (64 requests at once; HF one call of batch 64), alternating ours / HF, `--repeats` rounds.
+HF's model has
 the checkpoint's positions and no more (it cannot slide its window as ours does), so the new characters
 default to 200 where prompt + 200 fits the context and to the context less the prompt where it does not
 (120 for the shipped checkpoint's 128). At 1 stream, curl sends each request again right after ours:
@@ -351,7 +353,11 @@ def hf_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) -> 
     levels = args.clients or [1, 64]
     one_stream_requests = args.requests or (2 if args.quick else 4)
     loaded = load_checkpoint(checkpoint, dtype=DTYPES[args.dtype])
-    hf = to_hf(loaded.model)
+    # HF in the run's dtype and, for bfloat16, in float32 too: without the CPU's bfloat16 instructions
+    # HF's bfloat16 runs several times slower than its float32, and the ratio is against HF at its best.
+    hf_models = {args.dtype: to_hf(loaded.model)}
+    if args.dtype != "float32":
+        hf_models["float32"] = to_hf(load_checkpoint(checkpoint).model)
     config = loaded.model.config
     prompt = args.prompt if args.prompt is not None else HF_PROMPT
     ids = loaded.tokenizer.encode(prompt)
@@ -366,7 +372,7 @@ def hf_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) -> 
     generation = GenerationConfig(max_new_tokens=new, do_sample=True, temperature=HF_TEMPERATURE, top_k=0,
                                   eos_token_id=None, pad_token_id=0)
 
-    def hf_generate(batch: int, seed: int, settings: GenerationConfig) -> None:
+    def hf_generate(hf: Any, batch: int, seed: int, settings: GenerationConfig) -> None:
         input_ids = torch.tensor([ids] * batch)
         torch.manual_seed(seed)
         with torch.inference_mode():
@@ -375,18 +381,19 @@ def hf_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) -> 
         if out.shape != (batch, len(ids) + settings.max_new_tokens):
             raise RuntimeError(f"HF generate returned {tuple(out.shape)}")
 
-    def hf_rate(threads: int, batch: int, calls: int, seed: int) -> float:
+    def hf_rate(hf: Any, threads: int, batch: int, calls: int, seed: int) -> float:
         """Characters/s of `calls` generate calls of `batch` rows on `threads` torch threads."""
         torch.set_num_threads(threads)
         start = time.perf_counter()
         for call in range(calls):
-            hf_generate(batch, seed + call, generation)
+            hf_generate(hf, batch, seed + call, generation)
         return batch * new * calls / (time.perf_counter() - start)
 
     port = free_port()
     max_batch = max(64, *levels)
     use_curl = shutil.which("curl") is not None and 1 in levels and not args.no_curl
-    hf_peers = [f"HF generate, {t} thread{'s' if t > 1 else ''}" for t in args.hf_threads]
+    hf_peers = {f"HF generate, {'' if dtype == args.dtype else f'{dtype}, '}{t} thread{'s' if t > 1 else ''}":
+                (hf, t) for dtype, hf in hf_models.items() for t in args.hf_threads}
     ours: dict[int, list[Load]] = {}
     hf_rates: dict[tuple[str, int], list[float]] = {}
     curl_rates: list[float] = []
@@ -397,9 +404,9 @@ def hf_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) -> 
         for streams in levels:  # warm-up: both at every level, a few characters
             warm_bodies = [sampled_body(prompt, 8, s) for s in range(streams)]
             measure(client, base, "/generate", warm_bodies, streams, 8)
-            for threads in args.hf_threads:
+            for hf, threads in hf_peers.values():
                 torch.set_num_threads(threads)
-                hf_generate(streams, 0, warm)
+                hf_generate(hf, streams, 0, warm)
         for round_ in range(repeats):
             for streams in levels:
                 count = one_stream_requests if streams == 1 else streams
@@ -419,8 +426,8 @@ def hf_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) -> 
                 ours.setdefault(streams, []).append(load)
                 line = (f"round {round_ + 1}/{repeats}, {streams:3d} streams: ours {load.chars_per_s:,.0f} "
                         f"chars/s (client CPU {load.result.client_cpu:.1%})")
-                for peer, threads in zip(hf_peers, args.hf_threads, strict=True):
-                    rate = hf_rate(threads, streams, one_stream_requests if streams == 1 else 1, seed)
+                for peer, (hf, threads) in hf_peers.items():
+                    rate = hf_rate(hf, threads, streams, one_stream_requests if streams == 1 else 1, seed)
                     hf_rates.setdefault((peer, streams), []).append(rate)
                     line += f", {peer} (batch {streams}) {rate:,.0f}"
                 if curl is not None:  # the same requests from an independent client
@@ -459,7 +466,8 @@ def hf_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) -> 
 
     header = (f"`{command_line(argv)}`\n\nWeights: {which} ({config.n_layer} layers x {config.n_embd}, "
               f"context {config.block_size}, {loaded.model.num_parameters():,} parameters). CPU "
-              f"{args.dtype}, both; prompt {prompt!r}; {new_note}; temperature {HF_TEMPERATURE}, a seed per "
+              f"{args.dtype}, both{' (and HF in float32 too)' if len(hf_models) > 1 else ''}; "
+              f"prompt {prompt!r}; {new_note}; temperature {HF_TEMPERATURE}, a seed per "
               f"request. {repeats} rounds, ours and HF alternating (median over rounds); {machine_line()}.\n"
               f"ours = `python -m service` (max batch {max_batch}, torch threads "
               f"{args.threads or 'its default: the CPUs'}{', --compile' if args.compile else ''}"

@@ -126,6 +126,19 @@ def test_serving_vs_hf_quick(tmp_path: Path, capsys, tiny_checkpoint: Path):
 
 
 @pytest.mark.slow
+def test_serving_vs_hf_in_bfloat16_also_runs_hf_in_float32(tmp_path: Path, capsys, tiny_checkpoint: Path):
+    """Without the CPU's bfloat16 instructions HF's bfloat16 is several times slower than its float32:
+    a bfloat16 run measures HF in both, and the ratio is against the faster."""
+    serving.main(["--mode", "hf", "--quick", "--checkpoint", str(tiny_checkpoint), "--threads", "1",
+                  "--hf-threads", THREADS, "--clients", "2", "--new", "8", "--dtype", "bfloat16", "--no-curl",
+                  "--docs", str(tmp_path)])
+    out = capsys.readouterr().out
+    check_output(out, tmp_path, "serving-hf-bfloat16-tiny", f"| HF generate, {THREADS} thread",
+                 f"| HF generate, float32, {THREADS} thread", "ours / HF generate")
+    assert "CPU bfloat16, both (and HF in float32 too)" in (tmp_path / "benchmarks.md").read_text()
+
+
+@pytest.mark.slow
 def test_serving_client_check_quick(tmp_path: Path, capsys, tiny_checkpoint: Path):
     serving.main(["--mode", "client-check", "--quick", "--checkpoint", str(tiny_checkpoint), "--threads", "1",
                   "--clients", "1", "2", "--requests", "1", "--new", "8", "--prompt-length", "16",
