@@ -25,6 +25,7 @@ import torch
 
 from gpt import GPT, PRESETS, CharTokenizer, GPTConfig, save_checkpoint
 from gpt import model as gpt_model
+from gpt.device import has_bfloat16_instructions
 from training.data import load_corpus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,9 +86,8 @@ def cpu_instructions() -> str:
     """The vector instructions ATen's kernels run with here, and whether the CPU has bfloat16 arithmetic:
     the same benchmark moves by 2x and more between an AVX2 and an AVX-512 CPU, and bfloat16 without
     its instructions (AVX512-BF16, AMX) is converted to float32 around every product."""
-    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return (f"{torch.backends.cpu.get_cpu_capability()}, "
-            f"{'with' if native_bf16 else 'no'} bfloat16 instructions")
+            f"{'with' if has_bfloat16_instructions() else 'no'} bfloat16 instructions")
 
 
 # --- Timing --------------------------------------------------------------------------------------

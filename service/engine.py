@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import torch
 
 from gpt import CharTokenizer, KVCache, SamplingParams, Sequence, load_checkpoint
-from gpt.device import one_cpu_thread, pick_device, pick_dtype
+from gpt.device import has_bfloat16_instructions, one_cpu_thread, pick_device, pick_dtype
 from gpt.generate import CompiledRowsStep, advance, compile_decode, start_rows, step_tokens
 from gpt.model import GPT
 from gpt.sampling import Sampled
@@ -308,6 +308,10 @@ class Engine(Admission):
             torch.set_num_threads(settings.threads)
         device = pick_device(settings.device)
         dtype = pick_dtype(device, settings.dtype)
+        if device.type == "cpu" and dtype == torch.bfloat16 and not has_bfloat16_instructions():
+            logger.warning("bfloat16 on a CPU without bfloat16 instructions (%s): every product converts to "
+                           "float32 and back; --dtype float32 is likely faster here",
+                           torch.backends.cpu.get_cpu_capability())
         options = {"max_batch_size": settings.max_batch_size, "max_queue": settings.max_queue,
                    "queue_timeout_s": settings.queue_timeout_s, "compile": settings.compile, **options}
         with one_cpu_thread():  # this thread only loads; the scheduler thread runs the model

@@ -19,6 +19,7 @@ import torch
 from gpt import GPT, CharTokenizer, SamplingParams, generate
 from service.engine import (
     Admitted,
+    Engine,
     EngineUnavailable,
     Failed,
     Finished,
@@ -321,3 +322,24 @@ def test_loading_gives_the_loading_thread_no_openmp_team() -> None:
     assert after_engine == before  # Engine.from_settings: no worker started for this thread
     assert after_unguarded_load > before  # the probe sees a team when there is one
     assert threads == 2  # the setting stands for the scheduler thread
+
+
+@pytest.mark.parametrize("instructions", [False, True])
+def test_bfloat16_on_a_cpu_without_its_instructions_is_warned_about(
+        tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        instructions: bool) -> None:
+    """--dtype bfloat16 on the CPU: without AVX512-BF16 or AMX every product converts to float32 and
+    back, and the compiled bfloat16 step served fewer characters than float32 (docs/benchmarks.md)."""
+    import service.engine
+    from service.settings import Settings
+    monkeypatch.setattr(service.engine, "has_bfloat16_instructions", lambda: instructions)
+    for dtype in ("float32", "bfloat16"):
+        engine = Engine.from_settings(Settings(checkpoint=tiny_checkpoint, device="cpu", dtype=dtype),
+                                      warmup=False)
+        assert engine.dtype == getattr(torch, dtype)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if instructions:
+        assert warnings == []
+    else:  # once: for bfloat16, not for float32
+        assert len(warnings) == 1 and "without bfloat16 instructions" in warnings[0]
+        assert "--dtype float32" in warnings[0]
