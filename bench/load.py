@@ -20,7 +20,8 @@ request may be refused with a 4xx, never answered with a 5xx, and must not make 
 `--chaos` SIGKILLs the engine process (the server's child) once, `chaos_at` of the way into the run,
 and measures the seconds until the service is ready again (/ready 200 and a restart counted in
 /metrics), against the engine's start time at launch (`caesar_engine_start_seconds`); the run then
-goes on for at least `after_ready_share` of its duration. Requests in flight at the kill that end
+goes on for at least `after_ready_share` of its duration, and at least as long as the Retry-After the
+service gave the clients it refused meanwhile, so that they come back. Requests in flight at the kill that end
 with a 503 or an `unavailable` error event are counted as failed by the kill; everything else is
 held to the rules below.
 
@@ -67,6 +68,7 @@ from bench.common import (
     resolve_checkpoint,
     write_section,
 )
+from service.errors import RETRY_AFTER_UNAVAILABLE_S
 
 MIB = 1 << 20
 KEEPALIVE_EXPIRY_S = 2.0
@@ -496,7 +498,9 @@ async def chaos(base_url: str, server: psutil.Process, report: LoadReport, confi
                 budget: Budget, run_started: float) -> None:
     """SIGKILL the engine process `chaos_at` into the run; measure the time until the service is
     ready again with a restart counted; then let the run go on for at least `after_ready_share` of
-    its duration, so that the requests after the restart count too."""
+    its duration, and for longer than the clients refused during the restart were told to wait, so
+    that requests after the restart count too (a restart slower than that wait would otherwise leave
+    every client asleep until the run's end)."""
     await asyncio.sleep(config.duration_s * config.chaos_at)
     async with httpx.AsyncClient(base_url=base_url, timeout=10) as plain:
         metrics = await plain.get("/metrics")
@@ -516,8 +520,9 @@ async def chaos(base_url: str, server: psutil.Process, report: LoadReport, confi
                         now = time.perf_counter()
                         report.ready_again_at, report.ready_again_s = now, now - report.kill_at
                         report.restart_start_s = server_metric(metrics, "caesar_engine_start_seconds")
-                        budget.deadline = max(deadline, time.monotonic() + config.duration_s
-                                              * config.after_ready_share)
+                        after_ready_s = max(config.duration_s * config.after_ready_share,
+                                            RETRY_AFTER_UNAVAILABLE_S + 1.0)
+                        budget.deadline = max(deadline, time.monotonic() + after_ready_s)
                         return
             await asyncio.sleep(0.05)
     budget.deadline = deadline
