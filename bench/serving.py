@@ -352,12 +352,12 @@ def hf_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) -> 
     repeats = args.repeats or (1 if args.quick else 3)
     levels = args.clients or [1, 64]
     one_stream_requests = args.requests or (2 if args.quick else 4)
-    loaded = load_checkpoint(checkpoint, dtype=DTYPES[args.dtype])
+    loaded = load_checkpoint(checkpoint)  # float32; each HF peer is a converted copy of it
     # HF in the run's dtype and, for bfloat16, in float32 too: without the CPU's bfloat16 instructions
     # HF's bfloat16 runs several times slower than its float32, and the ratio is against HF at its best.
-    hf_models = {args.dtype: to_hf(loaded.model)}
+    hf_models = {args.dtype: to_hf(loaded.model).to(DTYPES[args.dtype])}
     if args.dtype != "float32":
-        hf_models["float32"] = to_hf(load_checkpoint(checkpoint).model)
+        hf_models["float32"] = to_hf(loaded.model)
     config = loaded.model.config
     prompt = args.prompt if args.prompt is not None else HF_PROMPT
     ids = loaded.tokenizer.encode(prompt)
