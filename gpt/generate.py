@@ -260,7 +260,7 @@ class ManyRowsDecoder(RowsDecoder):
 # when a graph is compiled, which happens at the call that first needs it, so every call sets it.
 CPU_GEMM_CONFIG = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
 
-# Past about this many rows (by the cache's dtype) the CPU library's products beat that template, so a
+# Past about this many rows (by the model's dtype) the CPU library's products beat that template, so a
 # step of more rows runs a second graph (ManyRowsDecoder) compiled without it: MKL's (float32) or oneDNN's
 # (bfloat16) products, and inductor's fused attention, norms and GELU around them. Shipped model, 1
 # thread, rows at position 60, alternating in one process, ms a step (template / library graph /
@@ -302,13 +302,14 @@ class CompiledRowsStep:
     specialises it) and one for any other number up to `max_few_rows`, both with the weights frozen
     into the graph and copied once more, packed for CPU_GEMM_CONFIG's kernels; and one for more rows,
     on the model's own weights. Each serves any lengths. `max_few_rows` starts at
-    COMPILED_CPU_MAX_ROWS[the cache's dtype]; `choose_boundary` measures it instead. The graphs of
+    COMPILED_CPU_MAX_ROWS[the model's dtype]; `choose_boundary` measures it instead. The graphs of
     every such step in a process count towards one limit (torch._dynamo.config.recompile_limit, 8):
     caches compiled in one process share it."""
 
     def __init__(self, model: GPT, cache: KVCache, **compile_options: Any) -> None:
         self.cache = cache
-        self.max_few_rows = COMPILED_CPU_MAX_ROWS.get(cache.k[0].dtype, COMPILED_CPU_MAX_ROWS[torch.float32])
+        dtype = next(model.parameters()).dtype  # the products', which the boundary is about, not the cache's
+        self.max_few_rows = COMPILED_CPU_MAX_ROWS.get(dtype, COMPILED_CPU_MAX_ROWS[torch.float32])
         for buffer in cache.k + cache.v:
             # Fixed sizes: otherwise dynamo would take a step whose row count or length equals the
             # cache's (the warm-up's) for one where they are the same symbol, and compile every other

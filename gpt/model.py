@@ -56,6 +56,12 @@ class KVCache(nn.Module):
     Buffers are allocated once and written in place; a row is a slot that one sequence owns from
     its prefill until it is freed. `lengths[row]` is how many positions the row has cached. It is a
     module only so that its buffers count as static state for torch.compile's CUDA graphs.
+
+    `dtype` may be narrower than the model's (llama.cpp's and vLLM's KV-cache dtype): keys and values
+    are stored in it and read back in the model's. A float16 cache of a float32 model holds half the
+    bytes, and the compiled CPU step, whose attention is memory-bound at many rows, reads half as many
+    (docs/benchmarks.md); the eager step converts what it reads into a copy, which costs more than it
+    saves.
     """
 
     def __init__(self, config: GPTConfig, max_batch: int, device: torch.device | str = "cpu",
@@ -127,10 +133,11 @@ class CacheRows:
     def write(self, cache: torch.Tensor, new: torch.Tensor) -> None:
         """Store keys or values `new` (R, n_head, T, head_dim) at the rows' positions, in place."""
         if self.span is not None and isinstance(self.selector, slice):
-            cache[self.selector, :, self.span] = new
+            cache[self.selector, :, self.span] = new.to(cache.dtype)
         else:
             # Indexing (R, 1) rows and (R, T) positions around the head slice puts (R, T) first.
-            cache[self.index[:, None], :, self.positions] = new.transpose(1, 2)  # (R, T, n_head, head_dim)
+            new = new.transpose(1, 2)  # (R, T, n_head, head_dim)
+            cache[self.index[:, None], :, self.positions] = new.to(cache.dtype)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor) -> torch.Tensor:
@@ -138,8 +145,8 @@ class CacheRows:
         everything the rows have cached."""
         self.write(k_cache, k)
         self.write(v_cache, v)
-        keys = k_cache[self.selector, :, :self.length]  # (R, n_head, L, head_dim)
-        values = v_cache[self.selector, :, :self.length]
+        keys = k_cache[self.selector, :, :self.length].to(q.dtype)  # (R, n_head, L, head_dim)
+        values = v_cache[self.selector, :, :self.length].to(q.dtype)
         if q.size(2) == 1 and q.device.type == "cpu":
             # One query per row: two batched products beat the CPU's flash-attention kernel, which is
             # tiled for long sequences (docs/benchmarks.md). CUDA keeps SDPA's fused kernels.
@@ -168,15 +175,17 @@ class DecodeRows:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor) -> torch.Tensor:
         """CacheRows.attend for one query per row, q, k, v (R, n_head, 1, head_dim)."""
-        k_cache[self.rows, :, self.start] = k[:, :, 0]  # (R, n_head, head_dim) at (row, position)
-        v_cache[self.rows, :, self.start] = v[:, :, 0]
+        # (R, n_head, head_dim) at (row, position), in the cache's dtype
+        k_cache[self.rows, :, self.start] = k[:, :, 0].to(k_cache.dtype)
+        v_cache[self.rows, :, self.start] = v[:, :, 0].to(v_cache.dtype)
         # Gathered by index, not sliced: a slice of the cache to a traced length would guard the graph
         # on that length being short of the whole cache, and the last position would compile anew.
         rows_by_position = self.rows[:, None], slice(None), self.key_positions[None, :]
-        keys = k_cache[rows_by_position]  # (R, L, n_head, head_dim)
-        values = v_cache[rows_by_position]
+        keys = k_cache[rows_by_position].to(q.dtype)  # (R, L, n_head, head_dim)
+        values = v_cache[rows_by_position].to(q.dtype)
         # Written out rather than F.scaled_dot_product_attention: inductor then fuses the gather of
-        # the rows' keys and values into the products instead of copying them out first.
+        # the rows' keys and values, and their conversion from a float16 cache, into the products
+        # instead of copying them out first.
         scores = (q.transpose(1, 2) * keys).sum(-1) * q.size(-1) ** -0.5  # (R, L, n_head)
         visible = self.key_positions[None, :] <= self.start[:, None]  # (R, L)
         scores = scores.masked_fill(~visible[:, :, None], float("-inf"))

@@ -207,23 +207,32 @@ def test_the_boundary_sits_below_the_first_row_count_where_the_many_rows_graph_w
     assert boundary_from_times({}, default=24) == 24
 
 
-def test_compiled_cpu_decode_in_bfloat16_matches_the_eager_step(tokenizer, monkeypatch):
+@pytest.mark.parametrize("dtype, cache_dtype",
+                         [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16)],
+                         ids=["bfloat16", "float32 with a float16 cache"])
+def test_compiled_cpu_decode_in_a_narrower_dtype_matches_the_eager_step(tokenizer, monkeypatch, dtype,
+                                                                         cache_dtype):
     """A bfloat16 model and cache start from their own row boundary between the graphs (here 2,
     float32's left at 24: the 3-row step runs the many-rows graph, on oneDNN's bfloat16 products, and
     the one-row step the packed-GEMM template), and each gives the eager bfloat16 step's logits to
-    bfloat16's precision."""
+    bfloat16's precision. A float32 model over a float16 cache takes float32's boundary (the products'
+    dtype, not the cache's: float16's is set to 5 here), and its graphs read the float16 keys and values
+    as the eager step does."""
     from torch._dynamo.utils import counters
 
     from gpt.generate import compile_decode
     from tests.conftest import tiny_config
-    monkeypatch.setitem(sys.modules["gpt.generate"].COMPILED_CPU_MAX_ROWS, torch.bfloat16, 2)
+    limits = sys.modules["gpt.generate"].COMPILED_CPU_MAX_ROWS
+    monkeypatch.setitem(limits, dtype, 2)
+    if cache_dtype != dtype:
+        monkeypatch.setitem(limits, cache_dtype, 5)
     torch.manual_seed(1234)
-    model = GPT(tiny_config(tokenizer.vocab_size)).to(torch.bfloat16).eval()
+    model = GPT(tiny_config(tokenizer.vocab_size)).to(dtype).eval()
     graphs_before = counters["stats"]["unique_graphs"]
     prompts = [tokenizer.encode(p) for p in ("Et tu, Brute?", "CASSIUS.", "Beware the ides of March")]
     logits = {}
     for name in ("eager", "compiled"):
-        cache = KVCache(model.config, max_batch=3, dtype=torch.bfloat16)
+        cache = KVCache(model.config, max_batch=3, dtype=cache_dtype)
         if name == "compiled":
             compile_decode(model, cache)
             assert cache.compiled_step.max_few_rows == 2
@@ -233,9 +242,11 @@ def test_compiled_cpu_decode_in_bfloat16_matches_the_eager_step(tokenizer, monke
             logits[name] = [decode_step(model, cache, rows, [1] * len(rows)) for rows in ([0, 1, 2], [1])]
     assert counters["stats"]["unique_graphs"] - graphs_before == 2
     for eager, compiled in zip(logits["eager"], logits["compiled"], strict=True):
-        assert compiled.dtype == torch.bfloat16
-        # bfloat16's rounding moves these logits (std about 0.15) by up to 0.004 between the two.
-        torch.testing.assert_close(compiled.float(), eager.float(), atol=1e-2, rtol=1e-2)
+        assert compiled.dtype == dtype
+        # bfloat16's rounding moves these logits (std about 0.15) by up to 0.004 between the two; with
+        # float32 products over the same float16 keys and values, only the order of the sums differs.
+        tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(compiled.float(), eager.float(), atol=tolerance, rtol=tolerance)
 
 
 def test_the_compiled_cpu_step_refuses_a_position_past_the_cache(tiny_model):

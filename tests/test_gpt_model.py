@@ -182,6 +182,31 @@ def test_prompts_of_different_lengths_prefill_together(tiny_model, rows):
                 torch.testing.assert_close(row_logits, expected, atol=1e-5, rtol=0)
 
 
+def test_a_float16_cache_of_a_float32_model_gives_its_logits_to_float16_precision(tiny_model):
+    """Keys and values stored in float16 and read back in float32 (KVCache's dtype), through every way a
+    step reaches the cache: a padded prefill of different lengths (mask, SDPA), steps of scattered rows
+    at different positions (the gather and the mask) and of consecutive rows at one position (the view)."""
+    from gpt.generate import prefill_rows
+    torch.manual_seed(3)
+    texts = [torch.randint(0, 65, (n,)).tolist() for n in (9, 30, 17)]
+    caches = {dtype: KVCache(tiny_model.config, max_batch=4, dtype=dtype)
+              for dtype in (torch.float32, torch.float16)}
+    nbytes = {dtype: sum(t.nbytes for t in cache.k + cache.v) for dtype, cache in caches.items()}
+    assert nbytes[torch.float16] * 2 == nbytes[torch.float32]
+    logits = {}
+    with torch.no_grad():
+        for dtype, cache in caches.items():
+            steps = [prefill_rows(tiny_model, cache, [3, 0, 2], [t[:-3] for t in texts])]
+            steps += [decode_step(tiny_model, cache, [3, 0, 2], [t[-step] for t in texts]) for step in (3, 2)]
+            prefill_rows(tiny_model, cache, [1], [texts[1][:-1]])  # row 1 to where row 0 is now
+            steps.append(decode_step(tiny_model, cache, [0, 1], [5, 5]))
+            logits[dtype] = torch.cat(steps)
+    assert all(t.dtype == torch.float16 for t in caches[torch.float16].k + caches[torch.float16].v)
+    # float16 keeps 11 significant bits: these logits (std about 0.3) move by a few thousandths at most.
+    torch.testing.assert_close(logits[torch.float16], logits[torch.float32], atol=5e-3, rtol=0)
+    assert not torch.equal(logits[torch.float16], logits[torch.float32])
+
+
 def test_padding_groups_keep_the_waste_bounded():
     from gpt.generate import padding_groups
     assert padding_groups([10, 11, 10, 12]) == [[0, 2, 1, 3]]
