@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import torch
 
 from gpt import CharTokenizer, KVCache, SamplingParams, Sequence, load_checkpoint
-from gpt.device import has_bfloat16_instructions, one_cpu_thread, pick_device, pick_dtype
+from gpt.device import DTYPES, has_bfloat16_instructions, one_cpu_thread, pick_device, pick_dtype
 from gpt.generate import CompiledRowsStep, advance, compile_decode, start_rows, step_tokens
 from gpt.model import GPT
 from gpt.sampling import Sampled
@@ -269,7 +269,7 @@ class Engine(Admission):
     def __init__(self, model: GPT, tokenizer: CharTokenizer, *, max_batch_size: int = 32,
                  max_queue: int = 64, queue_timeout_s: float = 30.0,
                  checkpoint_config: dict[str, Any] | None = None, checkpoint_path: Path | None = None,
-                 warmup: bool = True, compile: bool = False,
+                 warmup: bool = True, compile: bool = False, kv_cache_dtype: torch.dtype | None = None,
                  on_events: Callable[[Deliveries], None] | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -282,8 +282,9 @@ class Engine(Admission):
         self.on_events = on_events or to_event_loops
         weights = next(model.parameters())
         self.device, self.dtype = weights.device, weights.dtype
+        self.kv_cache_dtype = kv_cache_dtype or self.dtype
         # The whole KV memory is allocated here, once: load never grows it.
-        self.cache = KVCache(model.config, max_batch_size, device=self.device, dtype=self.dtype)
+        self.cache = KVCache(model.config, max_batch_size, device=self.device, dtype=self.kv_cache_dtype)
         if compile:  # compiled (CUDA graphs captured) at warm-up
             compile_decode(model, self.cache)
 
@@ -312,8 +313,15 @@ class Engine(Admission):
             logger.warning("bfloat16 on a CPU without bfloat16 instructions (%s): every product converts to "
                            "float32 and back; --dtype float32 is likely faster here",
                            torch.backends.cpu.get_cpu_capability())
+        kv_cache_dtype = dtype if settings.kv_cache_dtype == "auto" else DTYPES[settings.kv_cache_dtype]
+        if device.type == "cpu" and kv_cache_dtype != dtype and not settings.compile:
+            logger.warning("a %s KV cache without --compile: each step converts the keys and values it "
+                           "reads to %s, which costs more than the narrower cache saves; --compile reads "
+                           "them as they are", str(kv_cache_dtype).removeprefix("torch."),
+                           str(dtype).removeprefix("torch."))
         options = {"max_batch_size": settings.max_batch_size, "max_queue": settings.max_queue,
-                   "queue_timeout_s": settings.queue_timeout_s, "compile": settings.compile, **options}
+                   "queue_timeout_s": settings.queue_timeout_s, "compile": settings.compile,
+                   "kv_cache_dtype": kv_cache_dtype, **options}
         with one_cpu_thread():  # this thread only loads; the scheduler thread runs the model
             checkpoint = load_checkpoint(settings.checkpoint, device=device, dtype=dtype)
             return cls(checkpoint.model, checkpoint.tokenizer, checkpoint_config=checkpoint.config,
@@ -349,6 +357,7 @@ class Engine(Admission):
             "cpu_threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # ATen's kernels: AVX2, AVX512, ...
             "dtype": str(self.dtype).removeprefix("torch."),
+            "kv_cache_dtype": str(self.kv_cache_dtype).removeprefix("torch."),
             "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
             "weights_sha256": self.checkpoint_config.get("weights_sha256"),
             "training": self.checkpoint_config.get("training", {}),
@@ -403,7 +412,8 @@ class Engine(Admission):
             if self.warmup:
                 self._warm_up()
             self._ready = True
-            logger.info("engine ready: %d rows on %s (%s)", self.max_batch_size, self.device, self.dtype)
+            logger.info("engine ready: %d rows on %s (%s, KV cache %s)", self.max_batch_size, self.device,
+                        self.dtype, self.kv_cache_dtype)
             while True:
                 with self._lock:
                     while not (self._waiting or self._running or self._stopping or self._abort):

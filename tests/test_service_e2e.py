@@ -102,6 +102,10 @@ def test_sse_stream_concatenates_to_the_json_answer(server: ServerProcess) -> No
 
 
 def test_same_seed_alone_and_among_eight_others(server: ServerProcess) -> None:
+    assert_same_seed_alone_and_among_eight_others(server)
+
+
+def assert_same_seed_alone_and_among_eight_others(server: ServerProcess) -> None:
     parameters = {"max_new_tokens": 60, "seed": 1234, "temperature": 0.8}
     alone = native_text(server, "CASSIUS:", **parameters)
 
@@ -224,6 +228,16 @@ def test_without_an_engine_process_the_model_runs_in_the_server(tiny_checkpoint:
     with running_server(tiny_checkpoint, "--no-engine-process") as server:
         assert engine_processes(server) == []
         assert len(native_text(server, "CAESAR:", max_new_tokens=12, temperature=0)) == 12
+
+
+def test_a_float16_kv_cache_reaches_the_engine_process(tiny_checkpoint: Path) -> None:
+    """--kv-cache-dtype float16 on a float32 model: /info says so, the start warns that without --compile
+    each step converts what it reads, and a seed still writes the same text alone and in a batch."""
+    with running_server(tiny_checkpoint, "--kv-cache-dtype", "float16") as server:
+        model = httpx.get(f"{server.base_url}/info", timeout=5).json()["model"]
+        assert (model["dtype"], model["kv_cache_dtype"]) == ("float32", "float16")
+        assert "a float16 KV cache without --compile" in server.log()
+        assert_same_seed_alone_and_among_eight_others(server)
 
 
 def test_a_bad_checkpoint_is_one_clear_error(tmp_path: Path) -> None:
