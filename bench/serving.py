@@ -19,6 +19,7 @@ request, from "BRUTUS.\\n") against `GPT2LMHeadModel.generate` on the same weigh
 do_sample, temperature 0.8, no top-k, seeded) in this process, one peer per `--hf-threads` setting
 (default 1 and 2 torch threads; the ratio is against the fastest) and, with `--dtype bfloat16`, the
 same again with the weights in float32 (HF's faster dtype on a CPU without bfloat16 instructions):
+`--kv-cache-dtype float16` starts ours with a float16 KV cache (HF's cache stays in the weights' dtype).
 1 stream (`--requests` requests one after the other; HF batch 1, as many calls) and 64 concurrent
 streams (64 requests at once; HF one call of batch 64), alternating ours / HF, `--repeats` rounds.
 HF's model has
@@ -398,7 +399,7 @@ def hf_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) -> 
     hf_rates: dict[tuple[str, int], list[float]] = {}
     curl_rates: list[float] = []
     command = ours_command(checkpoint, port, args.threads, max_batch, "--dtype", args.dtype,
-                           compile=args.compile)
+                           "--kv-cache-dtype", args.kv_cache_dtype, compile=args.compile)
     with running_server(command, port) as base, ClientProcess() as client:
         warm = GenerationConfig(**{**generation.to_dict(), "max_new_tokens": 8})
         for streams in levels:  # warm-up: both at every level, a few characters
@@ -471,8 +472,9 @@ def hf_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) -> 
               f"request. {repeats} rounds, ours and HF alternating (median over rounds); {machine_line()}.\n"
               f"ours = `python -m service` (max batch {max_batch}, torch threads "
               f"{args.threads or 'its default: the CPUs'}{', --compile' if args.compile else ''}"
-              f"{f', --dtype {args.dtype}' if args.dtype != 'float32' else ''}), JSON POST "
-              "/generate from bench/client.py in a "
+              f"{f', --dtype {args.dtype}' if args.dtype != 'float32' else ''}"
+              f"{f', --kv-cache-dtype {args.kv_cache_dtype}' if args.kv_cache_dtype != 'auto' else ''}), "
+              "JSON POST /generate from bench/client.py in a "
               f"process of its own (a keep-alive connection per stream): at 1 stream {one_stream_requests} "
               "requests one after the other, at N streams N requests at once. HF = "
               f"`GPT2LMHeadModel.generate` on the same weights (do_sample, temperature {HF_TEMPERATURE}, "
@@ -487,6 +489,8 @@ def hf_mode(args: Any, argv: list[str] | None, checkpoint: Path, which: str) -> 
         key, title = f"{key}-compiled", f"{title}, --compile"
     if args.dtype != "float32":
         key, title = f"{key}-{args.dtype}", f"{title}, --dtype {args.dtype}"
+    if args.kv_cache_dtype != "auto":
+        key, title = f"{key}-kv-{args.kv_cache_dtype}", f"{title}, --kv-cache-dtype {args.kv_cache_dtype}"
     key, title = section(args, key, f"{title})", checkpoint)
     publish(args, key, title, header, [table, ratios],
             lambda png: plot_bars(png, "chars/s: ours (HTTP) vs HF generate", "characters / second", bars))
@@ -591,6 +595,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="start our server with --compile (its decode step compiled at warm-up)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="hf mode: the weights' dtype, ours (--dtype) and HF's alike (default float32)")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "float16"], default="auto",
+                        help="hf mode: our server's --kv-cache-dtype (default auto: the weights' dtype)")
     parser.add_argument("--repeats", type=int, help="rounds over every level (default 3, --quick 1)")
     args = parser.parse_args(argv)
     checkpoint, which = resolve_checkpoint(args.checkpoint, args.preset)

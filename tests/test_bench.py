@@ -117,18 +117,19 @@ def test_serving_quick(tmp_path: Path, capsys, tiny_checkpoint: Path):
 def test_serving_vs_hf_quick(tmp_path: Path, capsys, tiny_checkpoint: Path):
     """In bfloat16, as the one run that covers both HF peers: without the CPU's bfloat16 instructions
     HF's bfloat16 is several times slower than its float32, so a bfloat16 run measures HF in both and
-    the ratio is against the faster."""
+    the ratio is against the faster. Our server gets --kv-cache-dtype too, which the section names."""
     serving.main(["--mode", "hf", "--quick", "--checkpoint", str(tiny_checkpoint), "--threads", "1",
                   "--hf-threads", THREADS, "--clients", "1", "2", "--new", "8", "--dtype", "bfloat16",
-                  "--docs", str(tmp_path)])
+                  "--kv-cache-dtype", "float16", "--docs", str(tmp_path)])
     out = capsys.readouterr().out
-    check_output(out, tmp_path, "serving-hf-bfloat16-tiny",
+    check_output(out, tmp_path, "serving-hf-bfloat16-kv-float16-tiny",
                  "| ours (HTTP /generate) ", f"| HF generate, {THREADS} thread",
                  f"| HF generate, float32, {THREADS} thread", "ours / HF generate", "issue 18's target",
                  "client CPU (% of a core)", "server CPU (cores)")
     header = (tmp_path / "benchmarks.md").read_text()
     assert "8 new characters" in header and "prompt 'BRUTUS.\\n'" in header
     assert "CPU bfloat16, both (and HF in float32 too)" in header
+    assert "--dtype bfloat16, --kv-cache-dtype float16)" in header
 
 
 @pytest.mark.slow
