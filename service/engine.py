@@ -314,11 +314,11 @@ class Engine(Admission):
                            "float32 and back; --dtype float32 is likely faster here",
                            torch.backends.cpu.get_cpu_capability())
         kv_cache_dtype = dtype if settings.kv_cache_dtype == "auto" else DTYPES[settings.kv_cache_dtype]
-        if device.type == "cpu" and kv_cache_dtype != dtype and not settings.compile:
-            logger.warning("a %s KV cache without --compile: each step converts the keys and values it "
-                           "reads to %s, which costs more than the narrower cache saves; --compile reads "
-                           "them as they are", str(kv_cache_dtype).removeprefix("torch."),
-                           str(dtype).removeprefix("torch."))
+        if kv_cache_dtype != dtype and not (device.type == "cpu" and settings.compile):
+            logger.warning("a %s KV cache for %s weights, not in the compiled CPU step: each step converts "
+                           "the keys and values it reads into a copy, which costs more time than the "
+                           "narrower cache saves (it still takes less memory)",
+                           str(kv_cache_dtype).removeprefix("torch."), str(dtype).removeprefix("torch."))
         options = {"max_batch_size": settings.max_batch_size, "max_queue": settings.max_queue,
                    "queue_timeout_s": settings.queue_timeout_s, "compile": settings.compile,
                    "kv_cache_dtype": kv_cache_dtype, **options}

@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="the KV cache's dtype; auto: the model's (dtype). float16 halves the cache, and "
         "with --compile on the CPU makes a step of many rows faster (attention reads half the bytes); "
-        "without --compile, each step converts what it reads and is slower")
+        "elsewhere (without --compile, or on CUDA) each step converts what it reads and is slower")
     compile: bool = Field(False, description="compile the decode step: CUDA graphs on CUDA, inductor's "
                           "packed GEMM kernels on the CPU (warm-up takes minutes for the seed model)")
     threads: int | None = Field(

@@ -231,12 +231,12 @@ def test_without_an_engine_process_the_model_runs_in_the_server(tiny_checkpoint:
 
 
 def test_a_float16_kv_cache_reaches_the_engine_process(tiny_checkpoint: Path) -> None:
-    """--kv-cache-dtype float16 on a float32 model: /info says so, the start warns that without --compile
-    each step converts what it reads, and a seed still writes the same text alone and in a batch."""
+    """--kv-cache-dtype float16 on a float32 model: /info says so, the start warns that outside the compiled
+    CPU step each step converts what it reads, and a seed still writes the same text alone and in a batch."""
     with running_server(tiny_checkpoint, "--kv-cache-dtype", "float16") as server:
         model = httpx.get(f"{server.base_url}/info", timeout=5).json()["model"]
         assert (model["dtype"], model["kv_cache_dtype"]) == ("float32", "float16")
-        assert "a float16 KV cache without --compile" in server.log()
+        assert "a float16 KV cache for float32 weights, not in the compiled CPU step" in server.log()
         assert_same_seed_alone_and_among_eight_others(server)
 
 
