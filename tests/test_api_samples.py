@@ -104,7 +104,10 @@ def test_best_of_answers_the_n_most_likely(server: ServerProcess) -> None:
 
 
 def test_a_stream_of_several_choices(server: ServerProcess) -> None:
-    body = {"prompt": ["BRUTUS:", "CASCA:"], "n": 2, "seed": 9, "max_tokens": 30, "logprobs": 1}
+    # Long enough that the four requests overlap however far apart a busy machine submits them: with
+    # 30 characters, the tiny model finished the first before the HTTP process, sharing two cores with
+    # another test worker, had submitted the next.
+    body = {"prompt": ["BRUTUS:", "CASCA:"], "n": 2, "seed": 9, "max_tokens": 200, "logprobs": 1}
     answer = complete(server, **body)
     chunks = stream_chunks(server, {**body, "stream": True, "stream_options": {"include_usage": True}})
     indices = [c["choices"][0]["index"] for c in chunks if c["choices"]]
