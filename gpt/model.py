@@ -131,13 +131,14 @@ class CacheRows:
         return (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # (R, 1, T, L)
 
     def write(self, cache: torch.Tensor, new: torch.Tensor) -> None:
-        """Store keys or values `new` (R, n_head, T, head_dim) at the rows' positions, in place."""
+        """Store keys or values `new` (R, n_head, T, head_dim) at the rows' positions, in place, in the
+        cache's dtype."""
+        new = new.to(cache.dtype)
         if self.span is not None and isinstance(self.selector, slice):
-            cache[self.selector, :, self.span] = new.to(cache.dtype)
+            cache[self.selector, :, self.span] = new
         else:
             # Indexing (R, 1) rows and (R, T) positions around the head slice puts (R, T) first.
-            new = new.transpose(1, 2)  # (R, T, n_head, head_dim)
-            cache[self.index[:, None], :, self.positions] = new.to(cache.dtype)
+            cache[self.index[:, None], :, self.positions] = new.transpose(1, 2)  # (R, T, n_head, head_dim)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor) -> torch.Tensor:
