@@ -15,6 +15,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
+from operator import sub
 from typing import Annotated, TypeVar
 
 from fastapi import Depends
@@ -262,9 +263,8 @@ class Service:
                 chunks.append(event)
             elif isinstance(event, Finished):
                 chunks += collected
-                last_time = None
-                for chunk in chunks:
-                    last_time = self._observe_latency(chunk, last_time)
+                times = [chunk.time for chunk in chunks]
+                self.metrics.inter_token_latency.observe_many(map(sub, times[1:], times))
                 self._observe_end(event)
                 return Outcome("".join(chunk.text for chunk in chunks), chunks, event)
             elif isinstance(event, Failed):

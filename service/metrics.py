@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from service.engine import EngineLike
 
@@ -27,9 +31,10 @@ class ServiceMetrics:
         self.time_to_first_token = Histogram(
             "caesar_time_to_first_token_seconds", "from submission to the first character sampled",
             buckets=LATENCY_BUCKETS, registry=r)
-        self.inter_token_latency = Histogram(
+        self.inter_token_latency = BatchHistogram(
             "caesar_inter_token_latency_seconds", "between consecutive characters of one request",
-            buckets=LATENCY_BUCKETS, registry=r)
+            LATENCY_BUCKETS)
+        r.register(self.inter_token_latency)
         self.request_duration = Histogram(
             "caesar_request_duration_seconds", "HTTP request duration, streams to their last byte",
             ["route"], buckets=LATENCY_BUCKETS, registry=r)
@@ -37,6 +42,41 @@ class ServiceMetrics:
         self.disconnects = Counter("caesar_disconnects", "clients that left before their answer was complete",
                                    registry=r)
         r.register(EngineCollector(engine))
+
+
+class BatchHistogram(Collector):
+    """A histogram that takes many observations at once (`observe_many`): a JSON answer's characters,
+    whose time gaps become known all together at its end. prometheus_client's Histogram takes one
+    observation a call and a lock for each of its counters; 200 characters' gaps cost 0.9 ms of the
+    HTTP process's CPU a request that way (docs/benchmarks.md), where this takes one lock for them all.
+    Exposed in the same form as a Histogram: _bucket (cumulative, le), _count and _sum."""
+
+    def __init__(self, name: str, documentation: str, buckets: Iterable[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = sorted(buckets)
+        self.counts = [0] * (len(self.bounds) + 1)  # per bucket, not cumulative; the last is +Inf's
+        self.sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        self.observe_many((value,))
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        counts, total, bounds = [0] * len(self.counts), 0.0, self.bounds
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1  # the first bound >= value: Prometheus' "le"
+            total += value
+        with self._lock:
+            self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
+            self.sum += total
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            cumulative, total = list(accumulate(self.counts)), self.sum
+        labels = [floatToGoString(bound) for bound in self.bounds] + ["+Inf"]
+        yield HistogramMetricFamily(self.name, self.documentation,
+                                    buckets=list(zip(labels, cumulative, strict=True)), sum_value=total)
 
 
 class EngineCollector(Collector):

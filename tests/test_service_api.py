@@ -8,11 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, Histogram
 
 from gpt import CharTokenizer
 from service import app as app_module
 from service.__main__ import build_parser
 from service.engine import EngineUnavailable, Failed, QueueFull
+from service.metrics import LATENCY_BUCKETS, BatchHistogram
 from service.settings import Settings
 from tests.server_utils import FakeEngine, MakeClient, app_clients, metric_value
 
@@ -353,6 +355,33 @@ def test_metrics(make_client: MakeClient) -> None:
     for name in ("caesar_time_to_first_token_seconds", "caesar_inter_token_latency_seconds",
                  "caesar_request_duration_seconds", "caesar_disconnects_total"):
         assert name in text
+
+
+def test_a_batch_histogram_exposes_what_a_prometheus_histogram_of_the_same_observations_does() -> None:
+    """BatchHistogram (the inter-character latency, filled a whole answer at a time) against
+    prometheus_client's own Histogram: the same buckets, count and sum, values on a bound included."""
+    values = [0.0, 0.001, 0.0011, 0.004, 0.0049, 0.005, 0.03, 0.3, 2.5, 29.0, 31.0, 1e9]
+    batched, reference = CollectorRegistry(), CollectorRegistry()
+    histogram = BatchHistogram("gaps_seconds", "gaps", LATENCY_BUCKETS)
+    batched.register(histogram)
+    expected = Histogram("gaps_seconds", "gaps", buckets=LATENCY_BUCKETS, registry=reference)
+    histogram.observe_many(values[:5])
+    histogram.observe_many(())
+    histogram.observe(values[5])
+    histogram.observe_many(iter(values[6:]))
+    for value in values:
+        expected.observe(value)
+
+    def samples(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
+        return {(sample.name, sample.labels.get("le", "")): sample.value
+                for metric in registry.collect() for sample in metric.samples
+                if not sample.name.endswith("_created")}
+
+    got, want = samples(batched), samples(reference)
+    key = ("gaps_seconds_sum", "")
+    assert got.pop(key) == pytest.approx(want.pop(key), rel=1e-15)  # summed in another order
+    assert got == want
+    assert got[("gaps_seconds_bucket", "0.005")] == 6 and got[("gaps_seconds_count", "")] == len(values)
 
 
 def test_playground_page(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
