@@ -99,9 +99,10 @@ class _Child:
         self.ready = False
 
     def send(self, message: tuple) -> None:
+        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)  # not Connection.send's ForkingPickler (Outbox)
         try:
             with self.pipe_lock:
-                self.conn.send(message)
+                self.conn.send_bytes(data)
         except (OSError, ValueError):  # the process is gone; its reader reports it
             pass
 
