@@ -101,6 +101,30 @@ def test_sse_stream_concatenates_to_the_json_answer(server: ServerProcess) -> No
     assert streamed == events[-1]["generated_text"] == native_text(server, "Friends, Romans", **parameters)
 
 
+def test_the_inter_character_latency_counts_each_gap_of_a_json_answer_and_of_a_stream(
+        server: ServerProcess) -> None:
+    """caesar_inter_token_latency_seconds: a JSON answer of n characters adds its n - 1 gaps at its end
+    (service.metrics.BatchHistogram, all at once), a stream each gap as it comes; every gap lands in a
+    bucket, and none is negative."""
+    def histogram() -> tuple[float, float, float]:
+        text = httpx.get(f"{server.base_url}/metrics").text
+        return (metric_value(text, "caesar_inter_token_latency_seconds_count"),
+                metric_value(text, "caesar_inter_token_latency_seconds_sum"),
+                float(next(line.split()[1] for line in text.splitlines() if line.startswith(
+                    'caesar_inter_token_latency_seconds_bucket{le="+Inf"}'))))
+
+    count, total, _ = histogram()
+    assert len(native_text(server, "Friends", max_new_tokens=40, seed=1, temperature=1.0)) == 40
+    after_json, total_json, _ = histogram()
+    assert after_json - count == 39 and total_json >= total
+    with httpx.Client(base_url=server.base_url, timeout=30) as client, \
+            connect_sse(client, "POST", "/generate_stream",
+                        json={"inputs": "Friends", "parameters": {"max_new_tokens": 30}}) as source:
+        assert len(list(source.iter_sse())) == 30
+    after_stream, total_stream, in_buckets = histogram()
+    assert after_stream - after_json == 29 and total_stream >= total_json and in_buckets == after_stream
+
+
 def test_same_seed_alone_and_among_eight_others(server: ServerProcess) -> None:
     assert_same_seed_alone_and_among_eight_others(server)
 
