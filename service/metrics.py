@@ -48,7 +48,8 @@ class BatchHistogram(Collector):
     """A histogram that takes many observations at once (`observe_many`): a JSON answer's characters,
     whose time gaps become known all together at its end. prometheus_client's Histogram takes one
     observation a call and a lock for each of its counters; 200 characters' gaps cost 0.9 ms of the
-    HTTP process's CPU a request that way (docs/benchmarks.md), where this takes one lock for them all.
+    HTTP process's CPU a request that way (caesar-small, 64 requests at a time; issue 18's eleventh
+    pass), where this takes one lock for them all.
     Exposed in the same form as a Histogram: _bucket (cumulative, le), _count and _sum."""
 
     def __init__(self, name: str, documentation: str, buckets: Iterable[float]) -> None:
