@@ -261,9 +261,9 @@ class ManyRowsDecoder(RowsDecoder):
 CPU_GEMM_CONFIG = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
 
 # Past about this many rows (by the model's dtype) the CPU library's products beat that template, so a
-# step of more rows runs a second graph (ManyRowsDecoder) compiled without it: MKL's (float32) or oneDNN's
-# (bfloat16) products, and inductor's fused attention, norms and GELU around them. Shipped model, 1
-# thread, rows at position 60, alternating in one process, ms a step (template / library graph /
+# step of more rows runs a second graph (ManyRowsDecoder) compiled without it: the CPU library's products,
+# and inductor's fused attention, norms and GELU around them. Shipped model, 1 thread, rows at position
+# 60, alternating in one process, ms a step (template / library graph, unfrozen on MKL's products /
 # eager). float32: 16 rows 6.7 / 7.3 / 9.2, 32 rows 12.2 / 10.2 / 12.9, 64 rows 22.1 / 16.8 / 22.1,
 # 128 rows 49.9 / 35.1 / 44.8. bfloat16, whose products oneDNN runs on the CPU's bfloat16 dot products
 # (AVX512-BF16) at many rows: 12 rows 4.5 / 4.75 / 6.3, 16 rows 6.3 / 5.1 / 7.0, 24 rows 8.9 / 6.0 / 8.2.
@@ -273,7 +273,12 @@ CPU_GEMM_CONFIG = {"freezing": True, "max_autotune": True, "max_autotune_gemm_ba
 COMPILED_CPU_MAX_ROWS = {torch.float32: 24, torch.bfloat16: 12}
 # The row counts choose_boundary times both graphs at (2 and up: one row has a graph of its own).
 BOUNDARY_ROW_COUNTS = (2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
-MANY_ROWS_CONFIG = {"freezing": False, "max_autotune": False}
+# The many-rows graph freezes its weights too: with a dynamic row count inductor packs them for oneDNN's
+# products, which on an AVX2 EPYC run the shipped model's 64-row products about a fifth faster than MKL
+# does on the plain weights. Its 64-row step at position 100 (float16 cache, alternating in one process):
+# 14.6 / 9.8 ms against 16.7 / 11.5 unfrozen on 1 / 2 threads; caesar-small's, whose weights sit in
+# cache, within noise.
+MANY_ROWS_CONFIG = {"freezing": True, "max_autotune": False}
 
 
 def compile_decode(model: GPT, cache: KVCache, **compile_options: Any) -> None:
@@ -301,10 +306,10 @@ class CompiledRowsStep:
     """A step over the decoding rows alone, in three graphs: one for a single row (torch.compile
     specialises it) and one for any other number up to `max_few_rows`, both with the weights frozen
     into the graph and copied once more, packed for CPU_GEMM_CONFIG's kernels; and one for more rows,
-    on the model's own weights. Each serves any lengths. `max_few_rows` starts at
-    COMPILED_CPU_MAX_ROWS[the model's dtype]; `choose_boundary` measures it instead. The graphs of
-    every such step in a process count towards one limit (torch._dynamo.config.recompile_limit, 8):
-    caches compiled in one process share it."""
+    with another packed copy, for oneDNN's products (MANY_ROWS_CONFIG). Each serves any lengths.
+    `max_few_rows` starts at COMPILED_CPU_MAX_ROWS[the model's dtype]; `choose_boundary` measures it
+    instead. The graphs of every such step in a process count towards one limit
+    (torch._dynamo.config.recompile_limit, 8): caches compiled in one process share it."""
 
     def __init__(self, model: GPT, cache: KVCache, **compile_options: Any) -> None:
         self.cache = cache
