@@ -27,6 +27,7 @@ import pytest
 import torch
 import uvicorn
 
+from gpt.sampling import Sampled
 from service import __main__ as service_main
 from service.app import create_app
 from service.settings import Settings
@@ -206,15 +207,17 @@ def test_a_failing_decode_step_fails_only_its_batch_and_the_service_goes_on(
                         keepalive_s=0.2)
     app = create_app(settings)
     engine = app.state.service.engine
-    # The model step fails for the batch and for each row alone: no one request's doing.
-    armed, real_decode = threading.Semaphore(0), generate_module.decode_step
+    # The step fails for the batch and for each row alone: no one request's doing. It fails in the
+    # sampler, which every step reaches: a row whose window is full takes a prefill, not decode_step,
+    # and one that did so while armed used no fault and went on to LONG characters.
+    armed, real_sample = threading.Semaphore(0), generate_module.sample_rows
 
-    def decode_or_fail(*args: object) -> torch.Tensor:
+    def sample_or_fail(*args: object, **kwargs: object) -> Sampled:
         if armed.acquire(blocking=False):
             raise RuntimeError("injected decode fault")
-        return real_decode(*args)
+        return real_sample(*args, **kwargs)
 
-    monkeypatch.setattr(generate_module, "decode_step", decode_or_fail)
+    monkeypatch.setattr(generate_module, "sample_rows", sample_or_fail)
     long_native = {"inputs": "CAESAR:", "parameters": {"max_new_tokens": LONG}}
     long_openai = {"model": "tiny", "prompt": "CAESAR:", "max_tokens": LONG, "stream": True}
     with serve_in_thread(app) as base_url, ThreadPoolExecutor(4) as pool:
