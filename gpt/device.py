@@ -32,8 +32,7 @@ def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
 def has_bfloat16_instructions() -> bool:
     """Whether this CPU computes in bfloat16 (AVX512-BF16 or AMX). Without them every bfloat16 product
     is converted to float32 and back: on an AVX2 CPU, 64 streams of the compiled bfloat16 step served
-    0.53x (caesar-small) and 0.86x (caesar) the characters of the compiled float32 one, until its
-    graph for many rows packed its weights for oneDNN; since then the two are about even there
+    0.53x (caesar-small) and 0.86x (caesar) the characters of the compiled float32 one
     (docs/benchmarks.md)."""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 

@@ -214,7 +214,7 @@ def test_a_failing_decode_step_fails_only_its_batch_and_the_service_goes_on(
 
     def sample_or_fail(*args: object, **kwargs: object) -> Sampled:
         if armed.acquire(blocking=False):
-            raise RuntimeError("injected decode fault")
+            raise RuntimeError("injected step fault")
         return real_sample(*args, **kwargs)
 
     monkeypatch.setattr(generate_module, "sample_rows", sample_or_fail)
