@@ -274,10 +274,10 @@ COMPILED_CPU_MAX_ROWS = {torch.float32: 24, torch.bfloat16: 12}
 # The row counts choose_boundary times both graphs at (2 and up: one row has a graph of its own).
 BOUNDARY_ROW_COUNTS = (2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 # The many-rows graph freezes its weights too: with a dynamic row count inductor packs them for oneDNN's
-# products, which on an AVX2 EPYC run the shipped model's 64-row products about a fifth faster than MKL
-# does on the plain weights. Its 64-row step at position 100 (float16 cache, alternating in one process):
-# 14.6 / 9.8 ms against 16.7 / 11.5 unfrozen on 1 / 2 threads; caesar-small's, whose weights sit in
-# cache, within noise.
+# products, which on an AVX-512 EPYC run the shipped model's 64-row products about a fifth faster than
+# MKL does on the plain weights. Its 64-row step at position 100 (float16 cache, alternating in one
+# process): 14.6 / 9.8 ms against 16.7 / 11.5 unfrozen on 1 / 2 threads; caesar-small's, whose weights
+# sit in cache, within noise. On an AVX2 EPYC, frozen and unfrozen measured even (docs/benchmarks.md).
 MANY_ROWS_CONFIG = {"freezing": True, "max_autotune": False}
 
 
