@@ -260,17 +260,16 @@ class ManyRowsDecoder(RowsDecoder):
 # when a graph is compiled, which happens at the call that first needs it, so every call sets it.
 CPU_GEMM_CONFIG = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
 
-# Past about this many rows (by the model's dtype) the CPU library's products beat that template, so a
-# step of more rows runs a second graph (ManyRowsDecoder) compiled without it: the CPU library's products,
-# and inductor's fused attention, norms and GELU around them. Shipped model, 1 thread, rows at position
-# 60, alternating in one process, ms a step (template / library graph, unfrozen on MKL's products /
-# eager). float32: 16 rows 6.7 / 7.3 / 9.2, 32 rows 12.2 / 10.2 / 12.9, 64 rows 22.1 / 16.8 / 22.1,
-# 128 rows 49.9 / 35.1 / 44.8. bfloat16, whose products oneDNN runs on the CPU's bfloat16 dot products
-# (AVX512-BF16) at many rows: 12 rows 4.5 / 4.75 / 6.3, 16 rows 6.3 / 5.1 / 7.0, 24 rows 8.9 / 6.0 / 8.2.
-# A CompiledRowsStep starts from these; the engine's warm-up measures the boundary on the CPU it runs
-# on (CompiledRowsStep.choose_boundary), as it moves with the weights' size: `caesar-small`, whose
-# weights sit in cache, keeps the template up to 24-32 rows in bfloat16.
-COMPILED_CPU_MAX_ROWS = {torch.float32: 24, torch.bfloat16: 12}
+# Past about this many rows the CPU library's products beat that template, so a step of more rows runs a
+# second graph (ManyRowsDecoder) compiled without it: the CPU library's products, and inductor's fused
+# attention, norms and GELU around them. Shipped model, float32, 1 thread, rows at position 60,
+# alternating in one process, ms a step (template / library graph, unfrozen on MKL's products / eager):
+# 16 rows 6.7 / 7.3 / 9.2, 32 rows 12.2 / 10.2 / 12.9, 64 rows 22.1 / 16.8 / 22.1, 128 rows 49.9 / 35.1
+# / 44.8. A CompiledRowsStep starts from this; the engine's warm-up measures the boundary on the CPU it
+# runs on (CompiledRowsStep.choose_boundary), as it moves with the weights' size. Only float32 steps
+# have the template's graphs: in bfloat16 (or float16) the two kinds of product round differently, so
+# a row's text would depend on how many rows its steps had (docs/benchmarks.md, fourteenth pass).
+COMPILED_CPU_MAX_ROWS = 24
 # The row counts choose_boundary times both graphs at (2 and up: one row has a graph of its own).
 BOUNDARY_ROW_COUNTS = (2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 # The many-rows graph freezes its weights too: with a dynamic row count inductor packs them for oneDNN's
@@ -307,14 +306,19 @@ class CompiledRowsStep:
     specialises it) and one for any other number up to `max_few_rows`, both with the weights frozen
     into the graph and copied once more, packed for CPU_GEMM_CONFIG's kernels; and one for more rows,
     with another packed copy, for oneDNN's products (MANY_ROWS_CONFIG). Each serves any lengths.
-    `max_few_rows` starts at COMPILED_CPU_MAX_ROWS[the model's dtype]; `choose_boundary` measures it
-    instead. The graphs of every such step in a process count towards one limit
-    (torch._dynamo.config.recompile_limit, 8): caches compiled in one process share it."""
+    `max_few_rows` starts at COMPILED_CPU_MAX_ROWS; `choose_boundary` measures it instead. The graphs
+    of every such step in a process count towards one limit (torch._dynamo.config.recompile_limit, 8):
+    caches compiled in one process share it.
+
+    Weights narrower than float32 take the many-rows graph alone (`max_few_rows` 0), a single row sent
+    twice: a row's arithmetic on that graph is the same at 2 rows as at 64, so the same seed gives the
+    same text alone and in a batch, which in bfloat16 the three graphs' products, each rounding its own
+    way, did not."""
 
     def __init__(self, model: GPT, cache: KVCache, **compile_options: Any) -> None:
         self.cache = cache
         dtype = next(model.parameters()).dtype  # the products', which the boundary is about, not the cache's
-        self.max_few_rows = COMPILED_CPU_MAX_ROWS.get(dtype, COMPILED_CPU_MAX_ROWS[torch.float32])
+        self.max_few_rows = COMPILED_CPU_MAX_ROWS if dtype == torch.float32 else 0
         for buffer in cache.k + cache.v:
             # Fixed sizes: otherwise dynamo would take a step whose row count or length equals the
             # cache's (the warm-up's) for one where they are the same symbol, and compile every other
@@ -325,7 +329,11 @@ class CompiledRowsStep:
                                   **compile_options)
 
     def __call__(self, rows: list[int], tokens: list[int]) -> torch.Tensor:
-        return self.run(len(rows) <= self.max_few_rows, rows, tokens)
+        if len(rows) <= self.max_few_rows:
+            return self.run(True, rows, tokens)
+        if len(rows) == 1:  # twice: both copies write the same keys and values to the same place
+            return self.run(False, rows * 2, tokens * 2)[:1]
+        return self.run(False, rows, tokens)
 
     def run(self, few_rows: bool, rows: list[int], tokens: list[int]) -> torch.Tensor:
         """The step on the few-rows graph or on the many-rows one; cache.lengths left as they are."""

@@ -313,11 +313,6 @@ class Engine(Admission):
             logger.warning("bfloat16 on a CPU without bfloat16 instructions (%s): every product converts to "
                            "float32 and back; --dtype float32 is likely faster here",
                            torch.backends.cpu.get_cpu_capability())
-        if device.type == "cpu" and dtype == torch.bfloat16 and settings.compile:
-            logger.warning("bfloat16 with --compile on the CPU: a seed's text can differ alone and in a "
-                           "batch, as a step's products run other kernels for one row, a few rows and many, "
-                           "which round differently in bfloat16; float32, and bfloat16 without --compile, "
-                           "keep it")
         kv_cache_dtype = dtype if settings.kv_cache_dtype == "auto" else DTYPES[settings.kv_cache_dtype]
         if kv_cache_dtype != dtype and not (device.type == "cpu" and settings.compile):
             logger.warning("a %s KV cache for %s weights, not in the compiled CPU step: each step converts "
@@ -637,7 +632,7 @@ class Engine(Admission):
         for row in range(self.max_batch_size):
             self.cache.free(row)
         step = self.cache.compiled_step
-        if isinstance(step, CompiledRowsStep) and self.max_batch_size > step.max_few_rows:
+        if isinstance(step, CompiledRowsStep) and 0 < step.max_few_rows < self.max_batch_size:
             # Both graphs are compiled now (the step over every row ran the many-rows one): where one
             # stops beating the other is measured on this CPU, for these weights.
             boundary = step.choose_boundary(self.max_batch_size, position=context // 2)

@@ -151,13 +151,13 @@ def test_static_decoder_matches_the_dynamic_path(tiny_model, tokenizer):
 def test_compiled_cpu_decode_matches_the_dynamic_path(tiny_model, tokenizer, monkeypatch):
     """compile_decode on the CPU: inductor's graphs of the step give the eager path's logits for rows
     at different positions and for one row, and the same text as rows join, leave and slide their
-    window: the graph of one row, that of up to COMPILED_CPU_MAX_ROWS (float32's, here 2) rows with the
+    window: the graph of one row, that of up to COMPILED_CPU_MAX_ROWS (here 2) rows with the
     weights frozen and packed, and that of more rows (the steps of 3), on MKL's products. Those three graphs
     serve every step, the ones that attend over the whole cache included."""
     from torch._dynamo.utils import counters
 
     from gpt.generate import compile_decode
-    monkeypatch.setitem(sys.modules["gpt.generate"].COMPILED_CPU_MAX_ROWS, torch.float32, 2)
+    monkeypatch.setattr(sys.modules["gpt.generate"], "COMPILED_CPU_MAX_ROWS", 2)
     graphs_before = counters["stats"]["unique_graphs"]
     prompts = [tokenizer.encode(p) for p in ("Et tu, Brute?", "CASSIUS.", "Beware the ides of March")]
     caches = {name: KVCache(tiny_model.config, max_batch=4) for name in ("eager", "compiled")}
@@ -212,20 +212,16 @@ def test_the_boundary_sits_below_the_first_row_count_where_the_many_rows_graph_w
                          ids=["bfloat16", "float32 with a float16 cache"])
 def test_compiled_cpu_decode_in_a_narrower_dtype_matches_the_eager_step(tokenizer, monkeypatch, dtype,
                                                                          cache_dtype):
-    """A bfloat16 model and cache start from their own row boundary between the graphs (here 2,
-    float32's left at 24: the 3-row step runs the many-rows graph, on oneDNN's bfloat16 products, and
-    the one-row step the packed-GEMM template), and each gives the eager bfloat16 step's logits to
-    bfloat16's precision. A float32 model over a float16 cache takes float32's boundary (the products'
-    dtype, not the cache's: float16's is set to 5 here), and its graphs read the float16 keys and values
-    as the eager step does."""
+    """A bfloat16 model's step runs the many-rows graph alone, on oneDNN's bfloat16 products, a single
+    row sent twice (one graph); a float32 model over a float16 cache keeps float32's boundary (here 2:
+    the 3-row step runs the many-rows graph, the one-row step the packed-GEMM template; two graphs),
+    as the boundary is about the products' dtype, not the cache's, and its graphs read the float16
+    keys and values as the eager step does. Each gives the eager step's logits to its precision."""
     from torch._dynamo.utils import counters
 
     from gpt.generate import compile_decode
     from tests.conftest import tiny_config
-    limits = sys.modules["gpt.generate"].COMPILED_CPU_MAX_ROWS
-    monkeypatch.setitem(limits, dtype, 2)
-    if cache_dtype != dtype:
-        monkeypatch.setitem(limits, cache_dtype, 5)
+    monkeypatch.setattr(sys.modules["gpt.generate"], "COMPILED_CPU_MAX_ROWS", 2)
     torch.manual_seed(1234)
     model = GPT(tiny_config(tokenizer.vocab_size)).to(dtype).eval()
     graphs_before = counters["stats"]["unique_graphs"]
@@ -235,18 +231,48 @@ def test_compiled_cpu_decode_in_a_narrower_dtype_matches_the_eager_step(tokenize
         cache = KVCache(model.config, max_batch=3, dtype=cache_dtype)
         if name == "compiled":
             compile_decode(model, cache)
-            assert cache.compiled_step.max_few_rows == 2
+            assert cache.compiled_step.max_few_rows == (2 if dtype == torch.float32 else 0)
         for row, prompt in enumerate(prompts):
             start(model, cache, Sequence(prompt, 10, GREEDY, tokenizer.decode, 65, 64), row)
         with torch.inference_mode():
             logits[name] = [decode_step(model, cache, rows, [1] * len(rows)) for rows in ([0, 1, 2], [1])]
-    assert counters["stats"]["unique_graphs"] - graphs_before == 2
+    assert counters["stats"]["unique_graphs"] - graphs_before == (2 if dtype == torch.float32 else 1)
     for eager, compiled in zip(logits["eager"], logits["compiled"], strict=True):
-        assert compiled.dtype == dtype
+        assert compiled.dtype == dtype and compiled.shape == eager.shape
         # bfloat16's rounding moves these logits (std about 0.15) by up to 0.004 between the two; with
         # float32 products over the same float16 keys and values, only the order of the sums differs.
         tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
         torch.testing.assert_close(compiled.float(), eager.float(), atol=tolerance, rtol=tolerance)
+
+
+def test_a_bfloat16_row_gets_the_same_logits_alone_and_in_a_batch():
+    """The compiled bfloat16 step on the CPU gives a row the same logits, to the bit, whether it steps
+    alone or among 16 rows: here the shipped caesar-small in bfloat16, each row fed a line of the play.
+    While a single row ran the packed-GEMM template's graph and 16 rows oneDNN's, which round
+    differently in bfloat16, this row's logits parted at the 31st step, and sampled texts of the same
+    seed alone and in a batch of 40 differed for 6 seeds out of 10 (docs/benchmarks.md)."""
+    from gpt import load_checkpoint
+    from gpt.generate import compile_decode
+    from tests.conftest import REPO
+    checkpoint = load_checkpoint(REPO / "checkpoints" / "caesar-small", dtype=torch.bfloat16)
+    model, encode = checkpoint.model, checkpoint.tokenizer.encode
+    lines = ["BRUTUS.\nI know not, gentle friend, what you would have me do; but let us",
+             "CASSIUS.\nWhy, man, he doth bestride the narrow world like a Colossus, and we",
+             "ANTONY.\nFriends, Romans, countrymen, lend me your ears; I come to bury Caesar",
+             "CAESAR.\nThe ides of March are come. Cowards die many times before their deaths"]
+    rows = 16
+    texts = [encode(lines[row % 4]) for row in range(rows)]
+    caches = {size: KVCache(model.config, max_batch=rows, dtype=torch.bfloat16)
+              for size in ("alone", "batch")}
+    for cache in caches.values():
+        compile_decode(model, cache)
+        for row, text in enumerate(texts):
+            start(model, cache, Sequence(text[:8], 1, GREEDY, checkpoint.tokenizer.decode, 65, 256), row)
+    with torch.inference_mode():
+        for position in range(8, 60):
+            alone = decode_step(model, caches["alone"], [1], [texts[1][position]])
+            batch = decode_step(model, caches["batch"], list(range(rows)), [text[position] for text in texts])
+            assert torch.equal(alone[0], batch[1]), f"position {position}"
 
 
 def test_the_compiled_cpu_step_refuses_a_position_past_the_cache(tiny_model):
