@@ -616,9 +616,10 @@ class Engine(Admission):
     def _warm_up(self) -> None:
         """Run the largest shapes the engine will see before serving: a prefill of a whole context
         (row 0), then one decode step over every row that attends over the whole context length;
-        then decode steps of one row and of two, which a compiled step on the CPU has graphs of
-        their own for (one row; a few rows; many rows, which the step over every row compiles); then,
-        with both of those graphs compiled, where the few-rows one should stop is measured."""
+        then decode steps of one row and of two, which a compiled float32 step on the CPU has graphs
+        of their own for (one row; a few rows; many rows, which the step over every row compiles; a
+        narrower dtype runs the many-rows graph alone); then, with both kinds compiled, where the
+        few-rows one should stop is measured."""
         started = time.perf_counter()
         context = self.model.config.block_size
         greedy = SamplingParams(temperature=0.0)

@@ -255,19 +255,20 @@ def test_a_bfloat16_row_gets_the_same_logits_alone_and_in_a_batch():
     from gpt.generate import compile_decode
     from tests.conftest import REPO
     checkpoint = load_checkpoint(REPO / "checkpoints" / "caesar-small", dtype=torch.bfloat16)
-    model, encode = checkpoint.model, checkpoint.tokenizer.encode
+    model, tokenizer = checkpoint.model, checkpoint.tokenizer
     lines = ["BRUTUS.\nI know not, gentle friend, what you would have me do; but let us",
              "CASSIUS.\nWhy, man, he doth bestride the narrow world like a Colossus, and we",
              "ANTONY.\nFriends, Romans, countrymen, lend me your ears; I come to bury Caesar",
              "CAESAR.\nThe ides of March are come. Cowards die many times before their deaths"]
     rows = 16
-    texts = [encode(lines[row % 4]) for row in range(rows)]
+    texts = [tokenizer.encode(lines[row % 4]) for row in range(rows)]
     caches = {size: KVCache(model.config, max_batch=rows, dtype=torch.bfloat16)
               for size in ("alone", "batch")}
     for cache in caches.values():
         compile_decode(model, cache)
         for row, text in enumerate(texts):
-            start(model, cache, Sequence(text[:8], 1, GREEDY, checkpoint.tokenizer.decode, 65, 256), row)
+            start(model, cache, Sequence(text[:8], 1, GREEDY, tokenizer.decode, tokenizer.vocab_size,
+                                         model.config.block_size), row)
     with torch.inference_mode():
         for position in range(8, 60):
             alone = decode_step(model, caches["alone"], [1], [texts[1][position]])
